@@ -1,0 +1,194 @@
+"""Bundles: one safetensors file per model, its manifest JSON in the header's metadata.
+
+Reading validates everything (file, header, manifest, tensors against the architecture) and
+raises MgrowError with a one-line reason; writing is atomic (temporary file in the target
+folder, fsync, rename), so an interrupted or failed write never leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from . import MgrowError
+from .manifest import FORMAT_VERSION, Manifest, Parent
+
+META_KEY = "mgrow"
+
+
+@dataclass
+class Bundle:
+    manifest: Manifest
+    tensors: dict[str, torch.Tensor]
+    path: Path
+    sha256: str
+
+    def parent(self) -> Parent:
+        """Return this bundle as a lineage parent."""
+        return Parent(sha256=self.sha256, path=str(self.path))
+
+    def model(self) -> nn.Module:
+        """Return the network this bundle describes, with its tensors loaded."""
+        from .arch import build
+        model = build(self.manifest.arch, self.manifest.mixing)
+        check_tensors(model, self.tensors, self.path)
+        model.load_state_dict(self.tensors, strict=True)
+        return model
+
+
+def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: object) -> None:
+    """Raise MgrowError unless `tensors` has exactly the model's keys and shapes."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(tensors))
+    extra = sorted(set(tensors) - set(want))
+    wrong = [f"{k} is {tuple(tensors[k].shape)} not {want[k]}" for k in want
+             if k in tensors and tuple(tensors[k].shape) != want[k]]
+    problems = ([f"missing {_few(missing)}"] if missing else []) + \
+        ([f"unexpected {_few(extra)}"] if extra else []) + wrong[:3]
+    if problems:
+        raise MgrowError(f"{where}: tensors disagree with the declared architecture: "
+                         + "; ".join(problems))
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """Return a file's bytes, or raise MgrowError naming why it cannot be read."""
+    p = Path(path)
+    if not p.exists():
+        raise MgrowError(f"{p}: no such file")
+    if p.is_dir():
+        raise MgrowError(f"{p}: is a directory, not a file")
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise MgrowError(f"{p}: cannot read ({e.strerror})") from None
+
+
+def header(data: bytes, where: object) -> dict:
+    """Return the JSON header of a safetensors file, or raise MgrowError."""
+    if len(data) < 8:
+        raise MgrowError(f"{where}: not a safetensors file (only {len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise MgrowError(f"{where}: not a safetensors file, or truncated (header of {n} "
+                         f"bytes, file of {len(data)})")
+    try:
+        head = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MgrowError(f"{where}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(head, dict):
+        raise MgrowError(f"{where}: not a safetensors file (header is not a JSON object)")
+    return head
+
+
+def load_tensors(data: bytes, where: object) -> dict[str, torch.Tensor]:
+    """Return the tensors of safetensors bytes, or raise MgrowError."""
+    try:
+        return safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error type for every malformation
+        raise MgrowError(f"{where}: corrupt or truncated safetensors file "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def parse_manifest(text: str, where: object) -> Manifest:
+    """Return the validated manifest, or raise MgrowError naming the first problem."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MgrowError(f"{where}: manifest is not valid JSON ({e.msg})") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise MgrowError(f"{where}: manifest format version {version!r}; this mgrow reads "
+                         f"version {FORMAT_VERSION} (upgrade mgrow or re-export the bundle)")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "manifest"
+        raise MgrowError(f"{where}: invalid manifest: {loc}: {err['msg']}") from None
+
+
+def load(path: str | os.PathLike) -> Bundle:
+    """Return the bundle at `path`, fully validated (manifest and tensors)."""
+    data = read_bytes(path)
+    meta = header(data, path).get("__metadata__") or {}
+    if META_KEY not in meta:
+        raise MgrowError(f"{path}: a safetensors file without an mgrow manifest (a plain "
+                         f"checkpoint? use `mgrow convert` first)")
+    manifest = parse_manifest(meta[META_KEY], path)
+    tensors = load_tensors(data, path)
+    bundle = Bundle(manifest, tensors, Path(path), hashlib.sha256(data).hexdigest())
+    from .arch import build
+    check_tensors(build(manifest.arch, manifest.mixing), tensors, path)
+    return bundle
+
+
+def to_bytes(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> bytes:
+    """Return the safetensors bytes of a bundle."""
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return safetensors.torch.save(flat, metadata={META_KEY: manifest.to_json()})
+
+
+def save(path: str | os.PathLike, manifest: Manifest, tensors: dict[str, torch.Tensor],
+         force: bool = False) -> Path:
+    """Write a bundle atomically and return its path."""
+    return write_atomic(path, to_bytes(manifest, tensors), force)
+
+
+def save_model(path: str | os.PathLike, manifest: Manifest, model: nn.Module,
+               force: bool = False) -> Path:
+    """Write a model's state as a bundle atomically and return its path."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    return save(path, manifest, model.state_dict(), force)
+
+
+def check_writable(path: str | os.PathLike, force: bool) -> Path:
+    """Return `path` if a new file may be written there, else raise MgrowError."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise MgrowError(f"{p}: already exists (pass --force to overwrite)")
+    if p.is_dir():
+        raise MgrowError(f"{p}: is a directory")
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise MgrowError(f"{folder}: no such folder for the output")
+    if not os.access(folder, os.W_OK):
+        raise MgrowError(f"{folder}: folder is not writable")
+    return p
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
+    """Write `data` to `path` via a temporary file and a rename; never leaves a partial file."""
+    p = check_writable(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise MgrowError(f"{p}: write failed ({e.strerror or e}); nothing was written") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Return the hex sha256 of a file."""
+    return hashlib.sha256(read_bytes(path)).hexdigest()

@@ -1,0 +1,105 @@
+"""`convert`: recast a plain checkpoint as a template-mixed network computing the same function.
+
+Decomposition, per bank group of L layers (L = 1 or 2) with t >= L templates: stack the
+group's weights and t - L random tensors of the same norm into X (t, o, i, *k), draw a
+random orthogonal Q (t x t) and set
+
+    templates T = Q^T X,   coefficients alpha_l = Q[l]   so   sum_k Q[l, k] T_k = X_l = W_l.
+
+It is exact up to float32 round-off (computed in float64). Every template then carries a
+share of every layer's weight, the layers' coefficient vectors are orthonormal, and the
+directions orthogonal to them hold the random components: at growth, new orthogonal
+coefficient vectors draw exactly those, so new tiles start as fresh, independent weights
+of the right scale instead of copies of trained ones. Stem and classifier (t = 1) keep
+their weight as the single template with coefficient 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from . import MgrowError
+from .arch import build
+from .bundle import check_tensors, header, load_tensors, read_bytes
+from .manifest import ArchSpec, MixingSpec
+from .mixing import mixed_layers, random_orthogonal
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Return the state_dict in a .pt/.pth (plain, or under 'state_dict'/'model') or .safetensors."""
+    p = Path(path)
+    data = read_bytes(p)
+    if p.suffix == ".safetensors":
+        header(data, p)
+        return load_tensors(data, p)
+    import io
+    import pickle
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        raise MgrowError(f"{p}: refused to load: not a plain tensor checkpoint ({first[:200]})"
+                         ) from None
+    except Exception as e:
+        raise MgrowError(f"{p}: not a PyTorch checkpoint ({type(e).__name__})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise MgrowError(f"{p}: no state_dict found (expected a dict of tensors, or one under "
+                         "'state_dict' or 'model')")
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _check_classes(plain: nn.Module, state: dict[str, torch.Tensor], src: object) -> None:
+    head = [n for n, m in plain.named_modules() if isinstance(m, nn.Linear)][-1] + ".weight"
+    want = plain.state_dict()[head].shape[0]
+    have = state[head].shape[0] if head in state and state[head].dim() == 2 else want
+    if have != want:
+        raise MgrowError(f"{src}: checkpoint has {have} classes but --num-classes is {want}")
+
+
+def convert_state(state: dict[str, torch.Tensor], arch: ArchSpec, mixing: MixingSpec,
+                  seed: int = 0, src: object = "checkpoint") -> dict[str, torch.Tensor]:
+    """Return the template-mixed tensors (same function) of a plain state_dict."""
+    if mixing.factor != 1 or mixing.members != 1:
+        raise MgrowError("convert makes an ungrown network: factor and members must be 1")
+    plain = build(arch)
+    _check_classes(plain, state, src)
+    check_tensors(plain, state, src)
+    mixed = build(arch, mixing)
+    layers = mixed_layers(mixed)
+    out = {k: v.clone() for k, v in mixed.state_dict().items()}
+    for k, v in state.items():
+        if k in out:
+            out[k] = v.detach().clone().to(out[k].dtype)
+    groups: dict[int, list[str]] = {}
+    for name, layer in layers.items():
+        groups.setdefault(id(layer.bank), []).append(name)
+    gen = torch.Generator().manual_seed(seed)
+    for n, bank in enumerate(mixed.banks):
+        names = groups[id(bank)]
+        t = bank.shape[1]
+        if t < len(names):
+            raise MgrowError(f"{t} templates cannot represent {len(names)} layers exactly")
+        ws = [state[f"{name}.weight"].double() for name in names]
+        scale = torch.stack([w.norm() for w in ws]).mean()
+        extra = [torch.randn(ws[0].shape, dtype=torch.float64, generator=gen) for _ in
+                 range(t - len(ws))]
+        x = torch.stack(ws + [r * (scale / r.norm().clamp_min(1e-30)) for r in extra])
+        q = torch.eye(1, dtype=torch.float64) if t == 1 else random_orthogonal(t, gen)
+        templates = torch.einsum("jk,j...->k...", q, x)  # (t, o, i, *k) = Q^T X
+        out[f"banks.{n}"] = templates.unsqueeze(0).float()  # (m=1, t, o, i, *k)
+        for row, name in enumerate(names):
+            out[f"{name}.alpha"] = q[row].float().view(1, 1, t)  # (g_out, g_in, t)
+        for name in names:
+            out.pop(f"{name}.weight", None)
+    return out
+

@@ -1,0 +1,252 @@
+"""Template-mixed layers: every weight is a learned linear mix of shared templates.
+
+Layout (one tensor each, stable names in a bundle):
+- a bank `banks.N` of shape (m, t, o, i, *k): t templates of the member tile size (o, i, *k)
+  for each of the m members whose templates the network holds;
+- a layer's coefficients `<path>.alpha` of shape (g_out, g_in, t): one vector per tile of a
+  g_out x g_in grid of member-size tiles.
+
+Tile (r, c) is `sum_k alpha[r, c, k] * bank[owner, k]`. The owner is the member of the tile's
+row (axis "row": vertical tiling, the stem) or of its column (axis "col": horizontal
+tiling, the classifier), counted modulo m. Before growth g = m = 1 and a layer is an
+ordinary template-mixed layer, so growth only stacks banks and enlarges coefficient grids.
+
+The weight is summed term by term in a fixed order, elementwise: a tile of a grown layer is
+then bit-equal to the member layer it came from, whatever the grid size. The generation
+costs t multiply-adds per weight element per forward (about 0.03% of a WRN forward pass at
+batch 64, as in the paper) and is not counted in FLOPs.
+
+Banks are owned by the model (`model.banks`, an nn.ParameterList); a layer holds a plain
+reference to its bank, so each tensor is registered (and saved, and synchronised by DDP)
+exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .manifest import MixingSpec
+
+Role = Literal["stem", "inner", "head"]
+
+
+def mix(alpha: torch.Tensor, bank: torch.Tensor, axis: str) -> torch.Tensor:
+    """Return the full weight (g_out*o, g_in*i, *k) of a grid of tiles mixed from `bank`."""
+    g_out, g_in, t = alpha.shape  # (g_out, g_in, t)
+    m, _, o, i, *k = bank.shape  # (m, t, o, i, *k)
+    g = g_out if axis == "row" else g_in
+    if g != m:  # more tiles than members along the owner axis: owners repeat modulo m
+        bank = bank[torch.arange(g, device=bank.device) % m]  # (g, t, o, i, *k)
+    ones = (1,) * len(k)
+    a = alpha.view(g_out, 1, g_in, 1, *ones, t)
+    w = None
+    for j in range(t):
+        if axis == "row":
+            b = bank[:, j].unsqueeze(2)  # (g_out, o, 1, i, *k)
+        else:
+            b = bank[:, j].transpose(0, 1).unsqueeze(0)  # (1, o, g_in, i, *k)
+        term = a[..., j] * b  # (g_out, o, g_in, i, *k)
+        w = term if w is None else w + term
+    return w.reshape(g_out * o, g_in * i, *k)
+
+
+class MixedLayer(nn.Module):
+    """Shared machinery of template-mixed conv and linear layers."""
+
+    bank: torch.Tensor  # (m, t, o, i, *k), owned by the model, bound by Builder.finalize
+
+    def __init__(self, in_features: int, out_features: int, kernel: tuple[int, ...],
+                 grid: tuple[int, int], axis: str, role: Role, bias: bool) -> None:
+        super().__init__()
+        g_out, g_in = grid
+        if out_features % g_out or in_features % g_in:
+            raise ValueError(f"a {out_features}x{in_features} layer does not split into a "
+                             f"{g_out}x{g_in} grid of tiles")
+        self.grid, self.axis, self.role = grid, axis, role
+        self.tile_shape = (out_features // g_out, in_features // g_in, *kernel)  # (o, i, *k)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def bind(self, bank: torch.Tensor, alpha: torch.Tensor, trainable: bool) -> None:
+        """Attach the model-owned bank and this layer's coefficients (g_out, g_in, t)."""
+        object.__setattr__(self, "bank", bank)  # a reference, not a registration
+        if trainable:
+            self.alpha = nn.Parameter(alpha)
+        else:
+            self.register_buffer("alpha", alpha)
+
+    def weight(self) -> torch.Tensor:
+        """Return the generated full weight."""
+        return mix(self.alpha, self.bank, self.axis)
+
+    def extra_repr(self) -> str:
+        return f"tile={self.tile_shape}, grid={self.grid}, axis={self.axis}, role={self.role}"
+
+
+class MixedConv2d(MixedLayer):
+    def __init__(self, cin: int, cout: int, k: int, stride: int, padding: int, bias: bool,
+                 grid: tuple[int, int], axis: str, role: Role) -> None:
+        super().__init__(cin, cout, (k, k), grid, axis, role, bias)
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding)
+
+
+class MixedLinear(MixedLayer):
+    def __init__(self, cin: int, cout: int, bias: bool, grid: tuple[int, int], axis: str,
+                 role: Role) -> None:
+        super().__init__(cin, cout, (), grid, axis, role, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+
+def init_weight_(w: torch.Tensor) -> torch.Tensor:
+    """Initialise a plain weight in place: Kaiming normal (fan_out) for convs, as torchvision."""
+    if w.dim() > 2:
+        return nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+    return nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear's default
+
+
+def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Return a random n x n orthogonal matrix (Haar-distributed), float64."""
+    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+@dataclass
+class Group:
+    """Consecutive mixed layers that share one template bank."""
+
+    layers: list[MixedLayer]
+    templates: int
+
+
+class Builder:
+    """Makes the layers of an architecture, plain or template-mixed, and groups the banks.
+
+    Architectures call `conv`, `linear` and `norm`; they never know how a weight is made.
+    """
+
+    def __init__(self, mixing: MixingSpec | None) -> None:
+        self.mixing = mixing
+        self.mixed: list[MixedLayer] = []
+
+    def _grid(self, role: Role) -> tuple[tuple[int, int], str]:
+        g = self.mixing.factor
+        if role == "stem":
+            return (g, 1), "row"
+        if role == "head":
+            return (1, g), "col"
+        return (g, g), "row" if self.mixing.tiling == "vertical" else "col"
+
+    def conv(self, cin: int, cout: int, k: int, stride: int = 1, padding: int = 0,
+             bias: bool = False, role: Role = "inner") -> nn.Module:
+        if self.mixing is None:
+            return nn.Conv2d(cin, cout, k, stride, padding, bias=bias)
+        grid, axis = self._grid(role)
+        layer = MixedConv2d(cin, cout, k, stride, padding, bias, grid, axis, role)
+        self.mixed.append(layer)
+        return layer
+
+    def linear(self, cin: int, cout: int, bias: bool = True, role: Role = "inner") -> nn.Module:
+        if self.mixing is None:
+            return nn.Linear(cin, cout, bias=bias)
+        grid, axis = self._grid(role)
+        layer = MixedLinear(cin, cout, bias, grid, axis, role)
+        self.mixed.append(layer)
+        return layer
+
+    @staticmethod
+    def norm(channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels)
+
+    def groups(self) -> list[Group]:
+        """Return the bank groups: at most two consecutive inner layers of one tile shape."""
+        spec, out = self.mixing, []
+        for layer in self.mixed:
+            if layer.role != "inner":
+                out.append(Group([layer], spec.edge_templates))
+                continue
+            last = out[-1] if out else None
+            if (spec.sharing == "pairs" and last is not None and len(last.layers) == 1
+                    and last.layers[0].role == "inner"
+                    and type(last.layers[0]) is type(layer)
+                    and last.layers[0].tile_shape == layer.tile_shape):
+                last.layers.append(layer)
+                last.templates += spec.templates
+            else:
+                out.append(Group([layer], spec.templates))
+        return out
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """Create banks and coefficients, freshly initialised, and register banks on `model`.
+
+        Templates are drawn like plain weights and each group's coefficient vectors are
+        orthonormal rows, so every generated weight has the plain layer's initial
+        distribution and the layers of a pair start uncorrelated.
+        """
+        init_plain(model)
+        if self.mixing is None:
+            return model
+        banks = nn.ParameterList()
+        m = self.mixing.members
+        for group in self.groups():
+            first = group.layers[0]
+            bank = torch.empty(m, group.templates, *first.tile_shape)
+            for member in bank:
+                for template in member:
+                    init_weight_(template)
+            bank = nn.Parameter(bank)
+            banks.append(bank)
+            q = random_orthogonal(group.templates).float()
+            for row, layer in enumerate(group.layers):
+                vec = q[row % group.templates]  # (t,)
+                alpha = vec.expand(*layer.grid, -1).clone()  # (g_out, g_in, t)
+                layer.bind(bank, alpha, trainable=not (layer.role != "inner"
+                                                       and self.mixing.freeze_edges))
+        model.banks = banks
+        return model
+
+
+def init_plain(model: nn.Module) -> None:
+    """Initialise plain layers' weights (as torchvision does), norms to identity, biases to 0."""
+    for mod in model.modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            init_weight_(mod.weight)
+        if isinstance(mod, nn.BatchNorm2d):
+            nn.init.ones_(mod.weight)
+        if isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, MixedLayer)):
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+
+
+def mixed_layers(model: nn.Module) -> dict[str, MixedLayer]:
+    """Return the model's template-mixed layers by module path, in construction order."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, MixedLayer)}
+
+
+def bank_index(model: nn.Module) -> dict[int, int]:
+    """Return a map from id(bank tensor) to its index in model.banks."""
+    return {id(b): n for n, b in enumerate(getattr(model, "banks", []))}
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Return the state_dict of the plain network this model computes (weights generated)."""
+    out: dict[str, torch.Tensor] = {}
+    mixed = mixed_layers(model)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            owner, _, leaf = name.rpartition(".")
+            if owner == "banks" or (owner in mixed and leaf == "alpha"):
+                continue
+            out[name] = tensor.detach().clone()
+        for name, layer in mixed.items():
+            out[f"{name}.weight"] = layer.weight().detach().clone()
+    return out
