@@ -192,3 +192,18 @@ def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> P
 def sha256_file(path: str | os.PathLike) -> str:
     """Return the hex sha256 of a file."""
     return hashlib.sha256(read_bytes(path)).hexdigest()
+
+
+def export_plain(path: str | os.PathLike, output: str | os.PathLike, force: bool = False) -> Path:
+    """Write a bundle's plain network (generated weights, no templates) as a plain bundle.
+
+    The file is an ordinary safetensors state_dict (torchvision key names where the
+    architecture has them) whose metadata also makes it a plain mgrow bundle.
+    """
+    from .mixing import plain_state_dict
+    check_writable(output, force)
+    bundle = load(path)
+    man = bundle.manifest
+    tensors = plain_state_dict(bundle.model()) if man.mixing else bundle.tensors
+    plain = man.derived("export", {}, (bundle.parent(),), mixing=None)
+    return save(output, plain, tensors, force)

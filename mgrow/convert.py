@@ -25,7 +25,7 @@ from torch import nn
 from . import MgrowError
 from .arch import build
 from .bundle import check_tensors, header, load_tensors, read_bytes
-from .manifest import ArchSpec, MixingSpec
+from .manifest import ArchSpec, Lineage, Manifest, MixingSpec, Parent
 from .mixing import mixed_layers, random_orthogonal
 
 
@@ -103,3 +103,34 @@ def convert_state(state: dict[str, torch.Tensor], arch: ArchSpec, mixing: Mixing
             out.pop(f"{name}.weight", None)
     return out
 
+
+
+def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
+                       num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
+                       input_size: int = 32, norm: str = "every",
+                       mixing: MixingSpec | None = MixingSpec(), data: str | None = None,
+                       seed: int = 0, force: bool = False) -> tuple[Path, Manifest]:
+    """Convert a plain checkpoint file into a bundle; return its path and manifest."""
+    from .arch import check_name
+    from .bundle import check_writable, save, sha256_file
+    check_name(arch_name)
+    check_writable(output, force)
+    arch = ArchSpec(name=arch_name, width=width, num_classes=num_classes,
+                    in_channels=in_channels, input_size=input_size, norm=norm)
+    state = read_checkpoint(src)
+    if mixing is None:
+        plain = build(arch)
+        _check_classes(plain, state, src)
+        check_tensors(plain, state, src)
+        tensors = state
+    else:
+        tensors = convert_state(state, arch, mixing, seed, src)
+    dataset = None
+    if data is not None:
+        from .data import load_data
+        dataset = load_data(data).spec
+    options = {"arch": arch_name, "seed": seed, "mixed": mixing is not None}
+    lineage = Lineage(operation="convert", options=options,
+                      parents=(Parent(sha256=sha256_file(src), path=str(src)),))
+    manifest = Manifest(arch=arch, mixing=mixing, data=dataset, lineage=lineage)
+    return save(output, manifest, tensors, force), manifest

@@ -22,6 +22,7 @@ weight divided by the input replication g (stem: not divided), plus `noise` on n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -322,3 +323,13 @@ def _net2net(state: dict[str, torch.Tensor], skeleton: torch.nn.Module, g: int, 
         if layer.grid[1] > 1:  # inputs replicated g times: divide to keep the function
             out[f"{name}.weight"] = out[f"{name}.weight"] / layer.grid[1]
     return out
+
+
+def fuse_files(a: str | Path, b: str | Path | None, output: str | Path, *, force: bool = False,
+               **options) -> tuple[Path, Grown]:
+    """Fuse bundle files into a grown bundle at `output`; return its path and the result."""
+    from .bundle import check_writable, load, save
+    check_writable(output, force)
+    members = [load(a)] + ([load(b)] if b is not None else [])
+    grown = fuse(members, **options)
+    return save(output, grown.manifest, grown.tensors, force), grown

@@ -1,0 +1,148 @@
+"""FLOPs, parameter counts and the training-FLOPs ledger.
+
+Conventions (fvcore's, stated once): one fused multiply-add counts as one flop; counts are
+for one image, the materialised plain network, eval mode. Template mixing adds t
+multiply-adds per weight element per forward (batch-independent, about 0.03% of a
+WRN forward pass at batch 64) and is not counted, as in the paper. Training one image
+costs 3 x forward (forward + backward for activations and weights).
+
+Worked example: `forward_flops(ArchSpec(name="wrn-16-1"))` is 26,923,648 (about 26.9M:
+convolutions, batch norm, pooling and the classifier), so one epoch of 50,000 CIFAR images
+costs 3 x 26,923,648 x 50,000 = 4.04e12 training FLOPs.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from .manifest import ArchSpec, Manifest, MixingSpec
+
+REFERENCE_EPOCHS = 200  # the paper's full CIFAR schedule
+
+
+def _analysis(model: nn.Module, arch: ArchSpec):
+    from fvcore.nn import FlopCountAnalysis
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    x = torch.zeros(1, arch.in_channels, arch.input_size, arch.input_size)
+    fca = FlopCountAnalysis(model.eval(), x)
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    with warnings.catch_warnings():  # fvcore traces with torch.jit, which warns it is old
+        warnings.simplefilter("ignore")
+        fca.total()
+    return fca
+
+
+@lru_cache(maxsize=64)
+def _forward(arch_json: str) -> tuple[int, tuple[tuple[str, str, int, int], ...]]:
+    from .arch import build
+    arch = ArchSpec.model_validate_json(arch_json)
+    model = build(arch)
+    fca = _analysis(model, arch)
+    by_module = fca.by_module()
+    rows = []
+    for name, mod in model.named_modules():
+        if name and not list(mod.children()) and by_module.get(name, 0):
+            params = sum(p.numel() for p in mod.parameters())
+            rows.append((name, type(mod).__name__, int(by_module[name]), params))
+    return int(fca.total()), tuple(rows)
+
+
+def forward_flops(arch: ArchSpec) -> int:
+    """Return fvcore's forward FLOPs for one image of the plain network `arch` (eval mode)."""
+    return _forward(arch.model_dump_json())[0]
+
+
+def layer_table(arch: ArchSpec) -> list[tuple[str, str, int, int]]:
+    """Return (module, type, forward FLOPs, plain parameters) for every counted leaf module."""
+    return list(_forward(arch.model_dump_json())[1])
+
+
+def param_counts(tensors: dict[str, torch.Tensor], arch: ArchSpec,
+                 mixing: MixingSpec | None) -> dict[str, int]:
+    """Return parameter counts by kind: templates, coefficients, weights, norms, biases, total.
+
+    `plain_equivalent` is the parameter count of the plain network with the same shapes;
+    buffers (running statistics) are not parameters.
+    """
+    from .arch import build
+    model = build(arch, mixing)
+    norms = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+    counts = dict.fromkeys(("templates", "coefficients", "weights", "norms", "biases"), 0)
+    params = {n for n, _ in model.named_parameters()} | {
+        n for n in tensors if n.endswith(".alpha")}  # frozen coefficients are buffers
+    for name in params:
+        mod, _, leaf = name.rpartition(".")
+        kind = ("templates" if mod == "banks" else "coefficients" if leaf == "alpha"
+                else "norms" if mod in norms else "biases" if leaf == "bias" else "weights")
+        counts[kind] += tensors[name].numel()
+    counts["total"] = sum(counts.values())
+    counts["plain_equivalent"] = sum(p.numel() for p in build(arch).parameters())
+    return counts
+
+
+def reference_flops(manifest: Manifest, reference_epochs: float = REFERENCE_EPOCHS) -> int:
+    """Return the training FLOPs of one full-schedule run of this architecture from scratch.
+
+    = 3 x forward FLOPs x training images x reference_epochs (the "1.00X" of the paper).
+    """
+    images = manifest.data.train_size if manifest.data else 0
+    return int(3 * forward_flops(manifest.arch) * images * reference_epochs)
+
+
+def ledger(manifest: Manifest, reference_epochs: float = REFERENCE_EPOCHS) -> dict:
+    """Return the ledger rows and totals, normalised to one full run of this architecture."""
+    ref = reference_flops(manifest, reference_epochs)
+    base = sum(p.train_flops for p in manifest.phases if p.stage == "base")
+    growth = sum(p.train_flops for p in manifest.phases if p.stage == "growth")
+    norm = (lambda f: f / ref) if ref else (lambda f: None)
+    return {
+        "reference_flops": ref, "reference_epochs": reference_epochs,
+        "rows": [{**p.model_dump(), "norm": norm(p.train_flops)} for p in manifest.phases],
+        "base_flops": base, "growth_flops": growth, "base_norm": norm(base),
+        "growth_norm": norm(growth), "total_norm": norm(base + growth),
+    }
+
+
+def epochs_for_budget(manifest: Manifest, budget: float,
+                      reference_epochs: float = REFERENCE_EPOCHS) -> float:
+    """Return the epochs of training that bring the growth FLOPs to `budget` x reference.
+
+    Worked example: a grown net whose sibling spent 0.10X, with budget 0.45X and the
+    paper's 200 reference epochs, gets (0.45 - 0.10) x 200 = 70 epochs.
+    """
+    from . import MgrowError
+    if manifest.data is None or manifest.data.train_size == 0:
+        raise MgrowError("--budget needs the bundle's data set (pass --data)")
+    ref = reference_flops(manifest, reference_epochs)
+    spent = sum(p.train_flops for p in manifest.phases if p.stage == "growth")
+    left = budget * ref - spent
+    if left <= 0:
+        raise MgrowError(f"--budget {budget:g}X is already spent: growth so far used "
+                         f"{spent / ref:.3f}X of a full run")
+    per_epoch = 3 * forward_flops(manifest.arch) * manifest.data.train_size
+    return left / per_epoch
+
+
+def report(path, input_size: int | None = None,
+           reference_epochs: float = REFERENCE_EPOCHS) -> dict:
+    """Return everything `mgrow flops` prints: FLOPs per layer, parameters, ledger."""
+    from .bundle import load
+    bundle = load(path)
+    man = bundle.manifest
+    arch = man.arch if input_size is None else man.arch.model_copy(
+        update={"input_size": input_size})
+    return {
+        "bundle": str(path), "arch": man.describe(), "input_size": arch.input_size,
+        "convention": "fvcore: one multiply-add = one flop; per image; eval mode; weight "
+                      "generation from templates not counted",
+        "forward_flops": forward_flops(arch),
+        "layers": [dict(zip(("module", "type", "flops", "params"), row))
+                   for row in layer_table(arch)],
+        "params": param_counts(bundle.tensors, man.arch, man.mixing),
+        "ledger": ledger(man, reference_epochs),
+    }

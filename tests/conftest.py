@@ -1,0 +1,62 @@
+"""Shared fixtures: real CIFAR-10 images, small bundles on disk, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mgrow.arch import build
+from mgrow.bundle import load, save_model
+from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="session")
+def cifar_batch() -> torch.Tensor:
+    """Return 32 real CIFAR-10 test images, normalised, (32, 3, 32, 32)."""
+    if not CIFAR.exists():
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR}")
+    with np.load(CIFAR / "test.npz") as f:
+        images = f["images"][::313][:32]  # spread over the class-ordered test set
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return (x - MEAN) / STD
+
+
+def randomize_norms(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Give every BN layer non-trivial statistics and affine parameters (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+def make_bundle(path: Path, arch: ArchSpec, mixing: MixingSpec | None = MixingSpec(),
+                seed: int = 0, **manifest_fields):
+    """Write a freshly initialised bundle (norms randomised) and return it loaded."""
+    model = randomize_norms(build(arch, mixing, seed=seed), seed)
+    man = Manifest(arch=arch, mixing=mixing, lineage=Lineage(operation="init"),
+                   **manifest_fields)
+    return load(save_model(path, man, model))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    """Run the real `mgrow` CLI in a subprocess and return the completed process."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "mgrow", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
