@@ -26,14 +26,13 @@ REFERENCE_EPOCHS = 200  # the paper's full CIFAR schedule
 
 
 def _analysis(model: nn.Module, arch: ArchSpec):
-    from fvcore.nn import FlopCountAnalysis
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    x = torch.zeros(1, arch.in_channels, arch.input_size, arch.input_size)
-    fca = FlopCountAnalysis(model.eval(), x)
-    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    with warnings.catch_warnings():  # fvcore traces with torch.jit, which warns it is old
+    with warnings.catch_warnings():  # fvcore uses torch.jit, which warns that it is old
         warnings.simplefilter("ignore")
-        fca.total()
+        from fvcore.nn import FlopCountAnalysis
+        logging.getLogger("fvcore").setLevel(logging.ERROR)
+        x = torch.zeros(1, arch.in_channels, arch.input_size, arch.input_size)
+        fca = FlopCountAnalysis(model.eval(), x)
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False).total()
     return fca
 
 

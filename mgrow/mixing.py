@@ -38,22 +38,65 @@ Role = Literal["stem", "inner", "head"]
 
 def mix(alpha: torch.Tensor, bank: torch.Tensor, axis: str) -> torch.Tensor:
     """Return the full weight (g_out*o, g_in*i, *k) of a grid of tiles mixed from `bank`."""
-    g_out, g_in, t = alpha.shape  # (g_out, g_in, t)
-    m, _, o, i, *k = bank.shape  # (m, t, o, i, *k)
-    g = g_out if axis == "row" else g_in
-    if g != m:  # more tiles than members along the owner axis: owners repeat modulo m
-        bank = bank[torch.arange(g, device=bank.device) % m]  # (g, t, o, i, *k)
-    ones = (1,) * len(k)
-    a = alpha.view(g_out, 1, g_in, 1, *ones, t)
-    w = None
-    for j in range(t):
-        if axis == "row":
-            b = bank[:, j].unsqueeze(2)  # (g_out, o, 1, i, *k)
-        else:
-            b = bank[:, j].transpose(0, 1).unsqueeze(0)  # (1, o, g_in, i, *k)
-        term = a[..., j] * b  # (g_out, o, g_in, i, *k)
-        w = term if w is None else w + term
-    return w.reshape(g_out * o, g_in * i, *k)
+    return _Mix.apply(alpha, bank, axis)
+
+
+def _owned(bank: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return the bank of each tile row/column (g, t, o, i, *k) and the owner index (or None)."""
+    m = bank.shape[0]
+    if g == m:
+        return bank, None
+    idx = torch.arange(g, device=bank.device) % m  # owners repeat modulo m
+    return bank[idx], idx
+
+
+class _Mix(torch.autograd.Function):
+    """Weight generation with a term-by-term forward and a two-einsum backward.
+
+    Forward sums alpha_k * T_k in a fixed order with plain elementwise kernels (a tile's
+    value does not depend on the grid around it: carried tiles are bit-equal to the
+    member's weight). Backward needs no saved intermediates: d alpha is one contraction of
+    the weight gradient with the templates, d bank one with the coefficients.
+    """
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, bank: torch.Tensor, axis: str) -> torch.Tensor:
+        g_out, g_in, t = alpha.shape  # (g_out, g_in, t)
+        _, _, o, i, *k = bank.shape  # (m, t, o, i, *k)
+        owned, _ = _owned(bank, g_out if axis == "row" else g_in)  # (g, t, o, i, *k)
+        a = alpha.view(g_out, 1, g_in, 1, *(1,) * len(k), t)
+        w = torch.empty(g_out, o, g_in, i, *k, dtype=bank.dtype, device=bank.device)
+        term = torch.empty_like(w) if t > 1 else None
+        for j in range(t):
+            b = (owned[:, j].unsqueeze(2) if axis == "row"  # (g_out, o, 1, i, *k)
+                 else owned[:, j].transpose(0, 1).unsqueeze(0))  # (1, o, g_in, i, *k)
+            if j == 0:
+                torch.mul(a[..., 0], b, out=w)
+            else:
+                torch.mul(a[..., j], b, out=term)
+                w.add_(term)
+        ctx.save_for_backward(alpha, bank)
+        ctx.axis = axis
+        return w.view(g_out * o, g_in * i, *k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        alpha, bank = ctx.saved_tensors
+        g_out, g_in, t = alpha.shape
+        m, _, o, i, *k = bank.shape
+        row = ctx.axis == "row"
+        owned, idx = _owned(bank, g_out if row else g_in)
+        gw = grad.reshape(g_out, o, g_in, -1)  # (g_out, o, g_in, i*K)
+        b = owned.reshape(owned.shape[0], t, o, -1).to(grad.dtype)  # (g, t, o, i*K)
+        d_alpha = d_bank = None
+        if ctx.needs_input_grad[0]:
+            d_alpha = torch.einsum("roci,rtoi->rct" if row else "roci,ctoi->rct", gw, b)
+        if ctx.needs_input_grad[1]:
+            d_owned = torch.einsum("rct,roci->rtoi" if row else "rct,roci->ctoi",
+                                   alpha.to(grad.dtype), gw).reshape(-1, t, o, i, *k)
+            d_bank = d_owned if idx is None else torch.zeros_like(bank).index_add_(
+                0, idx, d_owned.to(bank.dtype))
+        return d_alpha, d_bank, None
 
 
 class MixedLayer(nn.Module):
