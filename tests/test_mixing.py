@@ -62,7 +62,7 @@ def test_pairs_share_banks_and_fresh_weights_look_plain():
             w0, w1 = (layers[n].weight().detach().flatten() for n in names)
             assert abs(float(torch.corrcoef(torch.stack([w0, w1]))[0, 1])) < 0.05
     for name, layer in layers.items():  # same initial scale as the plain layer (Kaiming)
-        std, ref = float(layer.weight().detach().std()), float(plain[f"{name}.weight"].std())
+        std, ref = float(layer.weight().detach().std()), float(plain[f"{name}.weight"].detach().std())
         assert 0.8 < std / ref < 1.25, name
 
 
