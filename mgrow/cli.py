@@ -112,7 +112,7 @@ def convert(
         input_size=input_size, norm=norm.value, mixing=None if plain else _mixing(
             templates, sharing, edge_templates, freeze_edges),
         data=data, seed=seed, output=output, force=force)
-    out.print(f"wrote {path} ({manifest.describe()})")
+    print(f"wrote {path} ({manifest.describe()})")
 
 
 @app.command()
@@ -171,7 +171,7 @@ def export(bundle: Bundle, output: Output, force: Force = False):
     """Write the plain network (weights generated, no templates) for deployment."""
     from .bundle import export_plain
     path = export_plain(bundle, output, force)
-    out.print(f"wrote {path} (plain state_dict; load with safetensors.torch.load_file)")
+    print(f"wrote {path} (plain state_dict; load with safetensors.torch.load_file)")
 
 
 @app.command()
@@ -213,9 +213,207 @@ def fuse(
     if len(grown.notes) > 3:
         print(f"note: (+{len(grown.notes) - 3} more banks alike; all listed in the manifest's "
               "growth.rank_notes)", file=sys.stderr)
-    out.print(f"wrote {path} ({grown.manifest.describe()}, method {method.value}"
+    print(f"wrote {path} ({grown.manifest.describe()}, method {method.value}"
               + (f", init {init.value}, tiling {tiling.value})" if method == Method.mixture
-                 else ")"))
+          else ")"))
+
+
+# -- training commands: one shared set of options (timm's names), one engine ------------------
+
+Data = Annotated[Optional[str], typer.Option(
+    "--data", help="digits (built in), npz:FOLDER (train*.npz + test.npz), cifar10, "
+    "cifar100, mnist, fashion-mnist, svhn (torchvision), imagefolder:FOLDER. Default: the "
+    "bundle's own.")]
+DataDir = Annotated[Optional[str], typer.Option(
+    "--data-dir", help="Root of torchvision data sets [default: $MGROW_DATA, else "
+    "~/.cache/mgrow/data].", show_default=False)]
+Download = Annotated[bool, typer.Option("--download", help="Let torchvision fetch the data "
+                                        "set (needs a network).")]
+Subset = Annotated[Optional[int], typer.Option(
+    "--subset", min=1, help="Train on the first N training images, class-balanced.")]
+Epochs = Annotated[Optional[float], typer.Option(
+    "--epochs", help="Epochs to train; fractional values train that share of an epoch's "
+    "steps.")]
+Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then "
+                                   "cosine to 0).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Global batch size.")]
+Warmup = Annotated[float, typer.Option("--warmup", min=0, help="Warm-up epochs (at most "
+                                       "10% of the run).")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", min=0, help="On templates and "
+                                            "plain weights; never on coefficients, norms, "
+                                            "biases.")]
+Smoothing = Annotated[float, typer.Option("--label-smoothing", min=0, max=0.99,
+                                          help="Label smoothing of the cross-entropy.")]
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda, "
+                                     "cuda:N.")]
+Amp = Annotated[bool, typer.Option("--amp", help="bf16 autocast (CUDA only).")]
+ChannelsLast = Annotated[Optional[bool], typer.Option(
+    "--channels-last/--no-channels-last", help="Memory format [default: on for conv nets].",
+    show_default=False)]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
+Workers = Annotated[int, typer.Option("--workers", min=0, help="Accepted for timm "
+                                      "compatibility; data is held in memory and batched "
+                                      "in-process, so no loader workers are used.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose "
+                                      "checkpoint is OUTPUT.ckpt.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Progress and result as JSON lines on "
+                                      "stdout.")]
+
+
+def _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device, amp,
+         channels_last, compile_):
+    from .engine import TrainConfig
+    if epochs is not None and epochs <= 0:
+        raise MgrowError(f"--epochs must be positive, not {epochs:g}")
+    return TrainConfig(epochs=epochs or 1.0, lr=lr, batch_size=batch_size,
+                       warmup_epochs=warmup, weight_decay=weight_decay,
+                       label_smoothing=label_smoothing, seed=seed, device=device, amp=amp,
+                       channels_last=channels_last, compile=compile_)
+
+
+def _source(data, data_dir, download, subset):
+    from .phases import DataSource
+    return DataSource(data, data_dir, download, subset)
+
+
+def _report(outcome, as_json: bool) -> None:
+    from .phases import describe_outcome, metrics_json
+    for note in outcome.result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if as_json:
+        print(metrics_json(outcome))
+    else:
+        print(describe_outcome(outcome))
+
+
+def _progress(quiet: bool, as_json: bool) -> str:
+    return "json" if as_json else "quiet" if quiet else "bar"
+
+
+@app.command()
+def train(
+    arch: Annotated[str, typer.Option("--arch", help="Registry name: wrn-D-K, resnet18, "
+                                      "resnet34, resnet50, vgg11_bn.", show_default=False)],
+    output: Output,
+    data: Annotated[str, typer.Option("--data", help="Data set (see train-sibling --help); "
+                                      "classes and input follow it.")] = "digits",
+    epochs: Epochs = 10,
+    mixed: Annotated[bool, typer.Option("--mixed/--plain", help="Template-mixed (growable) "
+                                        "or plain network.")] = True,
+    width: Annotated[float, typer.Option("--width", help="Channel multiplier (0.5: the "
+                                         "half-width net that grows into width 1).")] = 1.0,
+    norm: Annotated[Norm, typer.Option("--norm", help="WRN only: BN before every conv, or "
+                                       "only before each block.")] = Norm.every,
+    templates: Templates = 2,
+    sharing: SharingOpt = Sharing.pairs,
+    lr: Lr = 0.1, batch_size: BatchSize = 128, warmup: Warmup = 1.0,
+    weight_decay: WeightDecay = 5e-4, label_smoothing: Smoothing = 0.0, seed: SeedOpt = 0,
+    device: Device = "auto", amp: Amp = False, channels_last: ChannelsLast = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    workers: Workers = 0, data_dir: DataDir = None, download: Download = False,
+    subset: Subset = None, resume: Resume = False, quiet: Quiet = False,
+    as_json: AsJson = False, force: Force = False,
+):
+    """Train a network from scratch: a first small net, or the Small/Large baselines."""
+    from .phases import train_new
+    cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
+               amp, channels_last, compile_)
+    outcome = train_new(arch, _source(data, data_dir, download, subset), cfg, output,
+                        mixing=_mixing(templates, sharing, 1, True) if mixed else None,
+                        width=width, norm=norm.value, resume=resume,
+                        progress=_progress(quiet, as_json), force=force)
+    _report(outcome, as_json)
+
+
+@app.command("train-sibling")
+def train_sibling(
+    small: Annotated[Path, typer.Argument(help="The trained small bundle whose sibling to "
+                                          "train.", show_default=False)],
+    epochs: Epochs = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Bundle to write [default: SMALL-sibling.safetensors, "
+        "numbered, never overwriting].", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Seed of the fresh templates and data order [default: SMALL's + 1].",
+        show_default=False)] = None,
+    data: Data = None,
+    lr: Lr = 0.1, batch_size: BatchSize = 128, warmup: Warmup = 1.0,
+    weight_decay: WeightDecay = 5e-4, label_smoothing: Smoothing = 0.0,
+    device: Device = "auto", amp: Amp = False, channels_last: ChannelsLast = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    workers: Workers = 0, data_dir: DataDir = None, download: Download = False,
+    subset: Subset = None, resume: Resume = False, quiet: Quiet = False,
+    as_json: AsJson = False, force: Force = False,
+):
+    """Train a same-shape sibling of SMALL with fresh, independent templates (for fuse)."""
+    from .bundle import load
+    from .phases import train_sibling as run
+    if epochs is None:
+        raise MgrowError("missing --epochs: how long to train the sibling")
+    if seed is None:
+        seed = int(load(small).manifest.lineage.options.get("seed", 0)) + 1
+    cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
+               amp, channels_last, compile_)
+    outcome = run(small, _source(data, data_dir, download, subset), cfg, output,
+                  resume=resume, progress=_progress(quiet, as_json), force=force)
+    _report(outcome, as_json)
+
+
+@app.command()
+def finetune(
+    bundle: Bundle,
+    output: Output,
+    epochs: Epochs = None,
+    budget: Annotated[Optional[float], typer.Option(
+        "--budget", help="Instead of --epochs: train until the growth FLOPs (the ledger's "
+        "growth stage: sibling + this run) reach X times one full from-scratch run of this "
+        "architecture; prints the epochs it computes.")] = None,
+    reference_epochs: Annotated[float, typer.Option(
+        "--reference-epochs", help="Epochs of the full from-scratch run (1.00X).")] = 200,
+    data: Data = None,
+    lr: Lr = 0.1, batch_size: BatchSize = 128, warmup: Warmup = 1.0,
+    weight_decay: WeightDecay = 5e-4, label_smoothing: Smoothing = 0.0, seed: SeedOpt = 0,
+    device: Device = "auto", amp: Amp = False, channels_last: ChannelsLast = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    workers: Workers = 0, data_dir: DataDir = None, download: Download = False,
+    subset: Subset = None, resume: Resume = False, quiet: Quiet = False,
+    as_json: AsJson = False, force: Force = False,
+):
+    """Continue training any bundle, typically a grown one (everything trainable)."""
+    from .phases import finetune as run
+    if (epochs is None) == (budget is None):
+        raise MgrowError("give exactly one of --epochs and --budget")
+    if budget is not None and budget <= 0:
+        raise MgrowError(f"--budget must be positive, not {budget:g}")
+    cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
+               amp, channels_last, compile_)
+    outcome = run(bundle, _source(data, data_dir, download, subset), cfg, output,
+                  budget=budget, reference_epochs=reference_epochs, resume=resume,
+                  progress=_progress(quiet, as_json), force=force)
+    if budget is not None and not as_json:
+        out.print(f"--budget {budget:g}X -> {outcome.epochs:.3f} epochs")
+    _report(outcome, as_json)
+
+
+@app.command("eval")
+def evaluate(
+    bundle: Bundle,
+    data: Data = None,
+    batch_size: BatchSize = 512,
+    device: Device = "auto",
+    data_dir: DataDir = None,
+    download: Download = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+):
+    """Top-1 accuracy and loss of a bundle on the test split."""
+    from .phases import evaluate_bundle
+    res = evaluate_bundle(bundle, _source(data, data_dir, download, None), device, batch_size)
+    if as_json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['bundle']} on {res['data']} ({res['test_images']:,} test images): "
+              f"top-1 {100 * res['top1']:.2f}%, loss {res['loss']:.4f}")
 
 
 def main() -> None:

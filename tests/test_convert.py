@@ -80,7 +80,7 @@ def test_coefficients_orthonormal_and_templates_mix_every_layer():
     w0 = state[[n for n, m in mixed_layers(mixed).items() if m is pair[0]][0] + ".weight"]
     for template in pair[0].bank[0]:
         assert abs(float(torch.nn.functional.cosine_similarity(
-            template.flatten(), w0.flatten(), dim=0))) > 1e-3
+            template.detach().flatten(), w0.flatten(), dim=0))) > 1e-3
 
 
 def test_cli_convert_formats(tmp_path, cifar_batch):
