@@ -55,8 +55,9 @@ class _Mix(torch.autograd.Function):
 
     Forward sums alpha_k * T_k in a fixed order with plain elementwise kernels (a tile's
     value does not depend on the grid around it: carried tiles are bit-equal to the
-    member's weight). Backward needs no saved intermediates: d alpha is one contraction of
-    the weight gradient with the templates, d bank one with the coefficients.
+    member's weight). Backward needs no saved intermediates: d alpha is one batched
+    matmul of the weight gradient with the templates, d bank one with the coefficients,
+    batched over the owner axis (rows for vertical tiling, columns for horizontal).
     """
 
     @staticmethod
@@ -83,17 +84,21 @@ class _Mix(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         alpha, bank = ctx.saved_tensors
         g_out, g_in, t = alpha.shape
-        m, _, o, i, *k = bank.shape
+        _, _, o, i, *k = bank.shape
         row = ctx.axis == "row"
-        owned, idx = _owned(bank, g_out if row else g_in)
+        owned, idx = _owned(bank, g_out if row else g_in)  # (g, t, o, i, *k)
+        g = owned.shape[0]
         gw = grad.reshape(g_out, o, g_in, -1)  # (g_out, o, g_in, i*K)
-        b = owned.reshape(owned.shape[0], t, o, -1).to(grad.dtype)  # (g, t, o, i*K)
+        gw = gw.permute(0, 2, 1, 3) if row else gw.permute(2, 0, 1, 3)  # (g, g', o, i*K)
+        gw = gw.reshape(g, gw.shape[1], -1)  # (g, g', o*i*K): a copy only when g' > 1
+        a = (alpha if row else alpha.transpose(0, 1)).to(grad.dtype)  # (g, g', t)
         d_alpha = d_bank = None
         if ctx.needs_input_grad[0]:
-            d_alpha = torch.einsum("roci,rtoi->rct" if row else "roci,ctoi->rct", gw, b)
+            b = owned.reshape(g, t, -1).to(grad.dtype)  # (g, t, o*i*K)
+            d_alpha = torch.bmm(gw, b.transpose(1, 2))  # (g, g', t)
+            d_alpha = d_alpha if row else d_alpha.transpose(0, 1)
         if ctx.needs_input_grad[1]:
-            d_owned = torch.einsum("rct,roci->rtoi" if row else "rct,roci->ctoi",
-                                   alpha.to(grad.dtype), gw).reshape(-1, t, o, i, *k)
+            d_owned = torch.bmm(a.transpose(1, 2), gw).view(g, t, o, i, *k)
             d_bank = d_owned if idx is None else torch.zeros_like(bank).index_add_(
                 0, idx, d_owned.to(bank.dtype))
         return d_alpha, d_bank, None
