@@ -40,8 +40,9 @@ class Bundle:
     def model(self) -> nn.Module:
         """Return the network this bundle describes, with its tensors loaded."""
         from .arch import build
-        model = build(self.manifest.arch, self.manifest.mixing)
+        model = build(self.manifest.arch, self.manifest.mixing, meta=True)
         check_tensors(model, self.tensors, self.path)
+        model = model.to_empty(device="cpu")
         model.load_state_dict(self.tensors, strict=True)
         return model
 
@@ -132,7 +133,7 @@ def load(path: str | os.PathLike) -> Bundle:
     tensors = load_tensors(data, path)
     bundle = Bundle(manifest, tensors, Path(path), hashlib.sha256(data).hexdigest())
     from .arch import build
-    check_tensors(build(manifest.arch, manifest.mixing), tensors, path)
+    check_tensors(build(manifest.arch, manifest.mixing, meta=True), tensors, path)
     return bundle
 
 

@@ -82,10 +82,10 @@ def convert_state(state: dict[str, torch.Tensor], arch: ArchSpec, mixing: Mixing
             out[k] = v.detach().clone().to(out[k].dtype)
     groups: dict[int, list[str]] = {}
     for name, layer in layers.items():
-        groups.setdefault(id(layer.bank), []).append(name)
+        groups.setdefault(layer.bank_index, []).append(name)
     gen = torch.Generator().manual_seed(seed)
     for n, bank in enumerate(mixed.banks):
-        names = groups[id(bank)]
+        names = groups[n]
         t = bank.shape[1]
         if t < len(names):
             raise MgrowError(f"{t} templates cannot represent {len(names)} layers exactly")

@@ -161,7 +161,7 @@ def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
     skeleton_mix = spec.model_copy(update={"factor": g, "members": m, "tiling": tiling,
                                            "freeze_edges": False})
     try:
-        skeleton = build(arch, skeleton_mix)
+        skeleton = build(arch, skeleton_mix, meta=True)
     except ValueError as e:
         raise MgrowError(f"cannot grow {first.describe()} by {g}: {e}") from None
     gen = torch.Generator().manual_seed(seed)
@@ -173,7 +173,7 @@ def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
         tensors = (_net2net(sources[0], skeleton, g, noise, gen) if method == "net2net"
                    else _random(sources, skeleton, gen))
         notes, mixing = [], None
-    _check_shapes(tensors, build(arch, mixing))
+    _check_shapes(tensors, build(arch, mixing, meta=True))
     growth = Growth(method=method, init=init if method == "mixture" else None, factor=g,
                     members=m, tiling=tiling, seed=seed, noise=noise, rank_notes=tuple(notes))
     phases = list(first.phases)
@@ -233,7 +233,6 @@ def _mixture(members: list[Bundle], skeleton: torch.nn.Module, init: str, noise:
     states = [b.tensors for b in members]
     head = _head(skeleton)
     out = _common(states, skeleton, _g(skeleton), head)
-    index = {id(b): n for n, b in enumerate(skeleton.banks)}
     for n in range(len(skeleton.banks)):
         out[f"banks.{n}"] = torch.cat([s[f"banks.{n}"] for s in states])  # (m, t, o, i, *k)
     layers = mixed_layers(skeleton)
@@ -248,11 +247,11 @@ def _mixture(members: list[Bundle], skeleton: torch.nn.Module, init: str, noise:
                 if j is not None:
                     alphas[name][r, c] = states[j][f"{name}.alpha"][0, 0].double()
                 else:
-                    todo.setdefault((index[id(layer.bank)], owner(layer, r, c, m)),
+                    todo.setdefault((layer.bank_index, owner(layer, r, c, m)),
                                     []).append((name, r, c))
     notes = []
     for (n, j), tiles in sorted(todo.items()):
-        names = [name for name, layer in layers.items() if index[id(layer.bank)] == n]
+        names = [name for name, layer in layers.items() if layer.bank_index == n]
         existing = torch.stack([states[j][f"{name}.alpha"][0, 0].double() for name in names])
         sources = torch.stack([states[j][f"{name}.alpha"][0, 0].double()
                                for name, _, _ in tiles])

@@ -16,9 +16,10 @@ then bit-equal to the member layer it came from, whatever the grid size. The gen
 costs t multiply-adds per weight element per forward (about 0.03% of a WRN forward pass at
 batch 64, as in the paper) and is not counted in FLOPs.
 
-Banks are owned by the model (`model.banks`, an nn.ParameterList); a layer holds a plain
-reference to its bank, so each tensor is registered (and saved, and synchronised by DDP)
-exactly once.
+Banks are owned by the model (`model.banks`, an nn.ParameterList); a layer refers to its
+bank by index in that list, so each tensor is registered (and saved, and synchronised by
+DDP) exactly once, and `to_empty`, `load_state_dict(assign=True)` and the like never leave
+a layer holding a stale tensor.
 """
 
 from __future__ import annotations
@@ -107,8 +108,6 @@ class _Mix(torch.autograd.Function):
 class MixedLayer(nn.Module):
     """Shared machinery of template-mixed conv and linear layers."""
 
-    bank: torch.Tensor  # (m, t, o, i, *k), owned by the model, bound by Builder.finalize
-
     def __init__(self, in_features: int, out_features: int, kernel: tuple[int, ...],
                  grid: tuple[int, int], axis: str, role: Role, bias: bool) -> None:
         super().__init__()
@@ -120,13 +119,21 @@ class MixedLayer(nn.Module):
         self.tile_shape = (out_features // g_out, in_features // g_in, *kernel)  # (o, i, *k)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
-    def bind(self, bank: torch.Tensor, alpha: torch.Tensor, trainable: bool) -> None:
-        """Attach the model-owned bank and this layer's coefficients (g_out, g_in, t)."""
-        object.__setattr__(self, "bank", bank)  # a reference, not a registration
+    def bind(self, banks: nn.ParameterList, index: int, alpha: torch.Tensor,
+             trainable: bool) -> None:
+        """Attach the model's banks (by index) and this layer's coefficients (g_out, g_in, t)."""
+        object.__setattr__(self, "_banks", banks)  # a reference, not a submodule
+        self.bank_index = index
         if trainable:
             self.alpha = nn.Parameter(alpha)
         else:
             self.register_buffer("alpha", alpha)
+
+    @property
+    def bank(self) -> torch.Tensor:
+        """Return this layer's bank (m, t, o, i, *k), looked up in the model's list each time
+        so that moving or re-materialising the model's parameters never leaves it stale."""
+        return self._banks[self.bank_index]
 
     def weight(self) -> torch.Tensor:
         """Return the generated full weight."""
@@ -233,32 +240,33 @@ class Builder:
                 out.append(Group([layer], spec.templates))
         return out
 
-    def finalize(self, model: nn.Module) -> nn.Module:
+    def finalize(self, model: nn.Module, init: bool = True) -> nn.Module:
         """Create banks and coefficients, freshly initialised, and register banks on `model`.
 
         Templates are drawn like plain weights and each group's coefficient vectors are
         orthonormal rows, so every generated weight has the plain layer's initial
-        distribution and the layers of a pair start uncorrelated.
+        distribution and the layers of a pair start uncorrelated. init=False leaves every
+        tensor uninitialised (for shapes, or to load weights into).
         """
-        init_plain(model)
+        if init:
+            init_plain(model)
         if self.mixing is None:
             return model
         banks = nn.ParameterList()
         m = self.mixing.members
-        for group in self.groups():
-            first = group.layers[0]
-            bank = torch.empty(m, group.templates, *first.tile_shape)
-            for member in bank:
-                for template in member:
-                    init_weight_(template)
-            bank = nn.Parameter(bank)
-            banks.append(bank)
-            q = random_orthogonal(group.templates).float()
+        for n, group in enumerate(self.groups()):
+            bank = torch.empty(m, group.templates, *group.layers[0].tile_shape)
+            if init:
+                for member in bank:
+                    for template in member:
+                        init_weight_(template)
+            banks.append(nn.Parameter(bank))
+            q = (random_orthogonal(group.templates) if init
+                 else torch.empty(group.templates, group.templates)).float()
             for row, layer in enumerate(group.layers):
-                vec = q[row % group.templates]  # (t,)
-                alpha = vec.expand(*layer.grid, -1).clone()  # (g_out, g_in, t)
-                layer.bind(bank, alpha, trainable=not (layer.role != "inner"
-                                                       and self.mixing.freeze_edges))
+                alpha = q[row].expand(*layer.grid, -1).clone()  # (g_out, g_in, t)
+                layer.bind(banks, n, alpha, trainable=not (layer.role != "inner"
+                                                           and self.mixing.freeze_edges))
         model.banks = banks
         return model
 
@@ -278,11 +286,6 @@ def init_plain(model: nn.Module) -> None:
 def mixed_layers(model: nn.Module) -> dict[str, MixedLayer]:
     """Return the model's template-mixed layers by module path, in construction order."""
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, MixedLayer)}
-
-
-def bank_index(model: nn.Module) -> dict[int, int]:
-    """Return a map from id(bank tensor) to its index in model.banks."""
-    return {id(b): n for n, b in enumerate(getattr(model, "banks", []))}
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -97,7 +97,7 @@ def _vectors_by_bank(model, owner_tiles):
         for r in range(g_out):
             for c in range(g_in):
                 j = (r if layer.axis == "row" else c) % 2
-                out.setdefault((id(layer.bank), j), []).append(
+                out.setdefault((layer.bank_index, j), []).append(
                     (name, (r, c), layer.alpha.detach()[r, c].double()))
     return out
 

@@ -48,7 +48,7 @@ def test_pairs_share_banks_and_fresh_weights_look_plain():
     layers = mixed_layers(model)
     banks = {}
     for name, layer in layers.items():
-        banks.setdefault(id(layer.bank), []).append(name)
+        banks.setdefault(layer.bank_index, []).append(name)
     groups = list(banks.values())
     assert max(len(g) for g in groups) == 2  # never more than two layers per bank
     for names in groups:

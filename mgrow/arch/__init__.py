@@ -46,16 +46,21 @@ def check_name(name: str) -> str:
                      "(WRN depth D = 6n + 4, n >= 1; for example wrn-16-4, wrn-28-10)")
 
 
-def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0) -> nn.Module:
-    """Return a freshly initialised network: plain when `mixing` is None, else template-mixed."""
+def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,
+          meta: bool = False) -> nn.Module:
+    """Return a freshly initialised network: plain when `mixing` is None, else template-mixed.
+
+    meta=True: shapes only, on the meta device, no initialisation (free even for large
+    nets); `.to_empty(device=...)` then gives uninitialised storage to load weights into.
+    """
     check_name(arch.name)
     builder = Builder(mixing)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
         torch.manual_seed(seed)
         m = _WRN.match(arch.name)
         if m:
             model = wrn(arch, builder, int(m.group(1)), int(m.group(2)))
         else:
             model = _FIXED[arch.name](arch, builder)
-        return builder.finalize(model)
+        return builder.finalize(model, init=not meta)
 
