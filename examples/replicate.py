@@ -15,6 +15,8 @@ number comes with its ledger. Rows:
                   (orthogonal, vertical), finetune --budget
   mg-init-random, mg-init-copy, mg-horizontal      ablations of `mg` (same sibling)
   mg-point-P      the growth-point sweep (sibling trained for P x E epochs)
+  mg-lr-X         `mg` finetuned with peak lr X instead of the default 0.1 (the sweep
+                  that justifies the post-growth default; its cost is reported per row)
 Growth rows spend the same budget B (growth FLOPs / one large run, from the ledger: the
 sibling plus the finetune) with one post-growth rule for all: `finetune`'s defaults.
 Finished runs are not rerun (delete a bundle to redo it). Outputs in --out: results.json
@@ -47,13 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, growth budget
     "tiny": dict(arch="wrn-10-2", subset=300, epochs=1, batch=50, budget=0.45, point=0.8),
-    "cpu": dict(arch="wrn-10-2", subset=5000, epochs=12, batch=64, budget=0.45, point=0.8),
+    "cpu": dict(arch="wrn-10-2", subset=5000, epochs=10, batch=64, budget=0.45, point=0.8),
     "gpu": dict(arch="wrn-28-10", subset=None, epochs=200, batch=128, budget=0.45, point=0.8),
 }
 MAIN = ("small", "small-plain", "small-match", "large", "large-match", "random", "net2net",
         "mg-nofusion", "mg")
 ABLATIONS = ("mg-init-random", "mg-init-copy", "mg-horizontal")
 POINTS = (0.0, 0.5, 1.0)
+LRS = (0.02, 0.05)  # post-growth peak lr sweep of `mg` (its default, 0.1, is `mg` itself)
 
 
 class Runner:
@@ -100,15 +103,17 @@ class Runner:
         train_sibling(small.path, self.source, cfg, path, progress=self.progress)
         return path
 
-    def grow(self, name: str, sibling: Path | None, **options) -> tuple[Path, float]:
+    def grow(self, name: str, sibling: Path | None, lr: float = 0.1, **options
+             ) -> tuple[Path, float]:
         """Fuse and finetune to the budget; return the final bundle and growth-point top-1."""
         small = self.train("small", 0.5, self.s["epochs"])
-        grown = self.d / f"{name}.grown.safetensors"
+        grown = self.d / f"{name.partition('-lr-')[0]}.grown.safetensors"
         if not grown.exists():
             fuse_files(small, sibling, grown, seed=self.seed, **options)
         at_growth = self.eval(grown)
         if not self.path(name).exists():
-            finetune(grown, self.source, self.cfg(1.0), self.path(name),
+            cfg = self.cfg(1.0).model_copy(update={"lr": lr})
+            finetune(grown, self.source, cfg, self.path(name),
                      budget=self.s["budget"], reference_epochs=self.s["epochs"],
                      progress=self.progress)
         return self.path(name), at_growth
@@ -147,6 +152,8 @@ class Runner:
                 else self.s["point"]
             options = {"mg-init-random": {"init": "random"}, "mg-init-copy": {"init": "copy"},
                        "mg-horizontal": {"tiling": "horizontal"}}.get(name, {})
+            if name.startswith("mg-lr-"):
+                options = {"lr": float(name.rpartition("-")[2])}
             path, at_growth = self.grow(name, self.sibling(point), **options)
         man = load(path).manifest
         ref = reference_flops(man.model_copy(update={"arch": self.large_arch}), E)
@@ -215,14 +222,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/replicate"))
     p.add_argument("--data", default=f"npz:{CIFAR}")
-    p.add_argument("--rows", default="main", help="main, all (main + ablations + growth "
-                   "points), or a comma-separated list")
+    p.add_argument("--rows", default="main", help="main; paper (main + ablations + post-"
+                   "growth lr sweep); all (paper + growth points); or a comma-separated list")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     scale = SCALES[a.scale]
-    names = (MAIN if a.rows == "main" else
-             MAIN + ABLATIONS + tuple(f"mg-point-{x:g}" for x in POINTS) if a.rows == "all"
-             else tuple(a.rows.split(",")))
+    paper = MAIN + ABLATIONS + tuple(f"mg-lr-{x:g}" for x in LRS)
+    names = {"main": MAIN, "paper": paper,
+             "all": paper + tuple(f"mg-point-{x:g}" for x in POINTS)}.get(
+        a.rows, tuple(a.rows.split(",")))
     runs = []
     for seed in range(a.seeds):
         runner = Runner(a.out / f"seed{seed}", scale, seed, a.data, a.quiet)

@@ -1,0 +1,60 @@
+"""examples/replicate.py at a tiny scale: every row is produced with a consistent ledger."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from conftest import CIFAR, ROOT
+
+
+def _replicate():
+    spec = importlib.util.spec_from_file_location("replicate", ROOT / "examples/replicate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    """A real CIFAR-10 folder of 300 training and 200 test images (npz layout)."""
+    d = tmp_path_factory.mktemp("tiny_cifar")
+    with np.load(CIFAR / "train_1.npz") as f:
+        np.savez(d / "train_1.npz", images=f["images"][:300], labels=f["labels"][:300])
+    with np.load(CIFAR / "test.npz") as f:
+        pick = np.arange(0, 10000, 50)  # 20 per class
+        np.savez(d / "test.npz", images=f["images"][pick], labels=f["labels"][pick])
+    return d
+
+
+def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path):
+    rep = _replicate()
+    out = tmp_path / "rep"
+    rep.main(["--scale", "tiny", "--rows", "all", "--out", str(out), "--quiet",
+              "--data", f"npz:{tiny_cifar}"])
+    result = json.loads((out / "results.json").read_text())
+    runs = {r["row"]: r for r in result["runs"]}
+    expected = rep.MAIN + rep.ABLATIONS + tuple(f"mg-lr-{x:g}" for x in rep.LRS) + tuple(
+        f"mg-point-{x:g}" for x in rep.POINTS)
+    assert set(runs) == set(expected)
+    scale = rep.SCALES["tiny"]
+    step = scale["batch"] / scale["subset"] / scale["epochs"]  # one large-net step, normalised
+    for name, r in runs.items():
+        assert 0 <= r["top1"] <= 1 and r["ledger"], name
+        if r["top1_at_growth"] is not None:  # growth rows: the same budget, from the ledger
+            assert abs(r["flops_norm"] - scale["budget"]) <= step + 1e-9, (name, r["flops_norm"])
+            assert r["start_top1"] == runs["small"]["top1"]
+            stages = [p["stage"] for p in r["ledger"]]
+            assert stages[0] == "base" and stages[-1] == "growth"
+    assert runs["large"]["flops_norm"] == pytest.approx(1.0, abs=step)
+    assert runs["large-match"]["flops_norm"] == pytest.approx(scale["budget"], abs=step)
+    assert runs["small-match"]["flops_norm"] == pytest.approx(scale["budget"], abs=step)
+    assert runs["small"]["flops_norm"] < 0.5  # the half-width net costs about a quarter
+    sibling = [p for p in runs["mg"]["ledger"] if p["operation"] == "train-sibling"]
+    assert len(sibling) == 1 and sibling[0]["stage"] == "growth"
+    assert not [p for p in runs["mg-nofusion"]["ledger"] if p["operation"] == "train-sibling"]
+    table = (out / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in expected)
