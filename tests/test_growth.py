@@ -67,6 +67,25 @@ def test_zero_init_is_the_members_mean(pair, tiling, cifar_batch):
     assert torch.allclose(_logits(grown, cifar_batch), mean, rtol=1e-5, atol=1e-5)
 
 
+def test_biases_follow_their_blocks_and_the_classifier_averages(tmp_path, cifar_batch):
+    """VGG has conv and linear biases: block j comes from member j, the classifier's is the
+    mean, so the zero-init identity holds through them too."""
+    arch = ArchSpec(name="vgg11_bn", width=0.125)
+    a = make_bundle(tmp_path / "a.safetensors", arch, seed=1)
+    b = make_bundle(tmp_path / "b.safetensors", arch, seed=2)
+    for bundle, shift in ((a, 0.1), (b, -0.2)):  # nonzero conv and linear biases
+        for name in mixed_layers(bundle.model()):
+            bundle.tensors[f"{name}.bias"].add_(shift)
+    grown = fuse([a, b], init="zero")
+    t = grown.tensors
+    assert torch.equal(t["features.0.bias"], torch.cat([a.tensors["features.0.bias"],
+                                                        b.tensors["features.0.bias"]]))
+    assert torch.equal(t["classifier.6.bias"],
+                       (a.tensors["classifier.6.bias"] + b.tensors["classifier.6.bias"]) / 2)
+    mean = (_logits(a.model(), cifar_batch) + _logits(b.model(), cifar_batch)) / 2
+    assert torch.allclose(_logits(_model(grown), cifar_batch), mean, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("factor,members", [(3, 2), (4, 2), (3, 1), (4, 1)])
 def test_larger_factors(pair, factor, members, cifar_batch):
     sources = list(pair[:members])
