@@ -21,32 +21,18 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 out = Console()
 
 
-class Tiling(str, Enum):
-    vertical = "vertical"
-    horizontal = "horizontal"
+def _choices(name: str, *values: str) -> type[Enum]:
+    """Return a str Enum whose members are `values` (Typer shows them as choices)."""
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Init(str, Enum):
-    orthogonal = "orthogonal"
-    random = "random"
-    copy = "copy"
-    zero = "zero"
-
-
-class Method(str, Enum):
-    mixture = "mixture"
-    random = "random"
-    net2net = "net2net"
-
-
-class Sharing(str, Enum):
-    pairs = "pairs"
-    none = "none"
-
-
-class Norm(str, Enum):
-    every = "every"
-    block = "block"
+# Kept in step with mgrow.growth.INITS/METHODS and the manifest's Literals (a test checks),
+# so that `mgrow --help` does not have to import torch.
+Tiling = _choices("Tiling", "vertical", "horizontal")
+Init = _choices("Init", "orthogonal", "random", "copy", "zero")
+Method = _choices("Method", "mixture", "random", "net2net")
+Sharing = _choices("Sharing", "pairs", "none")
+Norm = _choices("Norm", "every", "block")
 
 
 Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.safetensors).")]
@@ -278,7 +264,10 @@ def _source(data, data_dir, download, subset):
 
 
 def _report(outcome, as_json: bool) -> None:
+    from .engine import is_main_process
     from .phases import describe_outcome, metrics_json
+    if not is_main_process():  # under torchrun rank 0 alone reports
+        return
     for note in outcome.result.notes:
         print(f"note: {note}", file=sys.stderr)
     if as_json:
@@ -391,7 +380,8 @@ def finetune(
     outcome = run(bundle, _source(data, data_dir, download, subset), cfg, output,
                   budget=budget, reference_epochs=reference_epochs, resume=resume,
                   progress=_progress(quiet, as_json), force=force)
-    if budget is not None and not as_json:
+    from .engine import is_main_process
+    if budget is not None and not as_json and is_main_process():
         out.print(f"--budget {budget:g}X -> {outcome.epochs:.3f} epochs")
     _report(outcome, as_json)
 

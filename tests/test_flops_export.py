@@ -103,3 +103,17 @@ def test_help_lists_every_subcommand():
         sub = run_cli(cmd, "--help")
         assert sub.returncode == 0 and "--help" in sub.stdout
         assert "--output" in sub.stdout or cmd == "flops"
+
+
+def test_cli_choices_match_the_library():
+    from typing import get_args
+
+    from mgrow import cli
+    from mgrow.growth import INITS, METHODS
+    from mgrow.manifest import ArchSpec, MixingSpec
+
+    assert [e.value for e in cli.Init] == list(INITS)
+    assert [e.value for e in cli.Method] == list(METHODS)
+    assert [e.value for e in cli.Tiling] == list(get_args(MixingSpec.model_fields["tiling"].annotation))
+    assert [e.value for e in cli.Sharing] == list(get_args(MixingSpec.model_fields["sharing"].annotation))
+    assert [e.value for e in cli.Norm] == list(get_args(ArchSpec.model_fields["norm"].annotation))
