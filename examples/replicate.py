@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, growth budget
     "tiny": dict(arch="wrn-10-2", subset=300, epochs=1, batch=50, budget=0.45, point=0.8),
-    "cpu": dict(arch="wrn-10-2", subset=5000, epochs=10, batch=64, budget=0.45, point=0.8),
+    "cpu": dict(arch="wrn-10-2", subset=4000, epochs=8, batch=64, budget=0.45, point=0.8),
     "gpu": dict(arch="wrn-28-10", subset=None, epochs=200, batch=128, budget=0.45, point=0.8),
 }
 MAIN = ("small", "small-plain", "small-match", "large", "large-match", "random", "net2net",
@@ -119,6 +119,11 @@ class Runner:
         return self.path(name), at_growth
 
     def eval(self, path: Path) -> float:
+        """Top-1 on the test split: the trained bundle's own final accuracy from its ledger,
+        or (for a bundle just grown, with no training yet) one evaluation, cached."""
+        phases = load(path).manifest.phases
+        if phases and phases[-1].accuracy is not None and ".grown." not in path.name:
+            return phases[-1].accuracy
         cache = path.with_name(path.name + ".top1")
         if not cache.exists():
             b = load(path)
@@ -213,6 +218,7 @@ def plot(runs: list[dict], path: Path) -> bool:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
 
 
@@ -237,6 +243,12 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             print(f"[seed {seed}] {name}", file=sys.stderr, flush=True)
             runs.append(runner.row(name))
+            write_results(a, scale, runs)  # after every row: a stopped run still reports
+    print((a.out / "results.md").read_text())
+
+
+def write_results(a: argparse.Namespace, scale: dict, runs: list[dict]) -> None:
+    """Write results.json, results.md and (with matplotlib) the plot for `runs` so far."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     meta = {"date": datetime.date.today().isoformat(), "commit": commit,
@@ -248,13 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"Scale `{a.scale}`: {scale['arch']} at width 0.5 -> 1.0, "
               f"{scale['subset'] or 'all'} training images, E = {scale['epochs']} epochs, "
               f"batch {scale['batch']}, growth budget {scale['budget']}X, growth point "
-              f"{scale['point']}; {a.seeds} seed(s); full 10,000-image test set. "
+              f"{scale['point']}; seeds: {sorted({r['seed'] for r in runs})}; the data's "
+              f"whole test split. "
               f"{meta['date']}, commit {commit}, {meta['machine']}.")
     (a.out / "results.md").write_text(header + "\n\n" + table + "\n")
-    plotted = plot(runs, a.out / "accuracy_vs_flops.png")
-    print(header + "\n\n" + table)
-    if not plotted:
-        print("(install mgrow[plot] for the plot)", file=sys.stderr)
+    plot(runs, a.out / "accuracy_vs_flops.png")
 
 
 if __name__ == "__main__":
