@@ -19,9 +19,10 @@ number comes with its ledger. Rows:
                   that justifies the post-growth default; its cost is reported per row)
 Growth rows spend the same budget B (growth FLOPs / one large run, from the ledger: the
 sibling plus the finetune) with one post-growth rule for all: `finetune`'s defaults.
-Finished runs are not rerun (delete a bundle to redo it). Outputs in --out: results.json
-(every run: accuracies and ledger), results.md (mean +- std per row) and, with
-matplotlib, accuracy_vs_flops.png.
+Finished runs are not rerun (delete a bundle to redo it) and interrupted ones resume from
+their checkpoints; every seed of the main table runs before the ablations. Outputs in
+--out: results.json (every run: accuracies and ledger), results.md (mean +- std per
+row) and, with matplotlib, accuracy_vs_flops.png.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from mgrow.engine import TrainConfig, evaluate
 from mgrow.flops import forward_flops, reference_flops
 from mgrow.growth import fuse_files
 from mgrow.manifest import ArchSpec, Lineage, Manifest
-from mgrow.phases import DataSource, finetune, train_new
+from mgrow.phases import DataSource, finetune, side_files, train_new
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
@@ -77,12 +78,16 @@ class Runner:
     def path(self, name: str) -> Path:
         return self.d / f"{name}.safetensors"
 
+    def run_options(self, name: str) -> dict:
+        """Progress mode, and resume when an interrupted run left its checkpoint."""
+        return {"progress": self.progress, "resume": side_files(self.path(name))[0].exists()}
+
     def train(self, name: str, width: float, epochs: float, mixed: bool = True) -> Path:
         if not self.path(name).exists():
             from mgrow.manifest import MixingSpec
             train_new(self.s["arch"], self.source, self.cfg(epochs), self.path(name),
                       mixing=MixingSpec() if mixed else None, width=width,
-                      progress=self.progress)
+                      **self.run_options(name))
         return self.path(name)
 
     def sibling(self, point: float) -> Path:
@@ -100,7 +105,7 @@ class Runner:
             return path
         from mgrow.phases import train_sibling
         cfg = self.cfg(point * self.s["epochs"]).model_copy(update={"seed": self.seed + 1000})
-        train_sibling(small.path, self.source, cfg, path, progress=self.progress)
+        train_sibling(small.path, self.source, cfg, path, **self.run_options(name))
         return path
 
     def grow(self, name: str, sibling: Path | None, lr: float = 0.1, **options
@@ -115,7 +120,7 @@ class Runner:
             cfg = self.cfg(1.0).model_copy(update={"lr": lr})
             finetune(grown, self.source, cfg, self.path(name),
                      budget=self.s["budget"], reference_epochs=self.s["epochs"],
-                     progress=self.progress)
+                     **self.run_options(name))
         return self.path(name), at_growth
 
     def eval(self, path: Path) -> float:
@@ -233,17 +238,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     scale = SCALES[a.scale]
-    paper = MAIN + ABLATIONS + tuple(f"mg-lr-{x:g}" for x in LRS)
-    names = {"main": MAIN, "paper": paper,
-             "all": paper + tuple(f"mg-point-{x:g}" for x in POINTS)}.get(
-        a.rows, tuple(a.rows.split(",")))
+    extra = ABLATIONS + tuple(f"mg-lr-{x:g}" for x in LRS)
+    points = tuple(f"mg-point-{x:g}" for x in POINTS)
+    stages = {"main": [MAIN], "paper": [MAIN, extra], "all": [MAIN, extra, points]}.get(
+        a.rows, [tuple(a.rows.split(","))])
     runs = []
-    for seed in range(a.seeds):
-        runner = Runner(a.out / f"seed{seed}", scale, seed, a.data, a.quiet)
-        for name in names:
-            print(f"[seed {seed}] {name}", file=sys.stderr, flush=True)
-            runs.append(runner.row(name))
-            write_results(a, scale, runs)  # after every row: a stopped run still reports
+    for names in stages:  # every seed of the main table first, then the ablations
+        for seed in range(a.seeds):
+            runner = Runner(a.out / f"seed{seed}", scale, seed, a.data, a.quiet)
+            for name in names:
+                print(f"[seed {seed}] {name}", file=sys.stderr, flush=True)
+                runs.append(runner.row(name))
+                write_results(a, scale, runs)  # after every row: a stopped run still reports
     print((a.out / "results.md").read_text())
 
 
