@@ -9,14 +9,14 @@ rm -rf "$out" && mkdir -p "$out"
 common=(--data digits --batch-size 64 --quiet)
 
 echo "== 1. train the small net (WRN-10-2 at half width) =="
-mgrow train --arch wrn-10-2 --width 0.5 --epochs 15 "${common[@]}" -o "$out/small.safetensors"
-echo "== 2. train its sibling: same shape, fresh templates =="
-mgrow train-sibling "$out/small.safetensors" --epochs 10 "${common[@]}" -o "$out/sibling.safetensors"
+mgrow train --arch wrn-10-2 --width 0.5 --epochs 6 "${common[@]}" -o "$out/small.safetensors"
+echo "== 2. train its sibling: same shape, fresh templates, growth point 5/6 =="
+mgrow train-sibling "$out/small.safetensors" --epochs 5 "${common[@]}" -o "$out/sibling.safetensors"
 echo "== 3. fuse: 2x wider, off-diagonal tiles from the existing templates (no data pass) =="
 mgrow fuse "$out/small.safetensors" "$out/sibling.safetensors" -o "$out/grown.safetensors"
 mgrow eval "$out/grown.safetensors"
-echo "== 4. finetune the grown net to a total growth budget of 0.45X of one from-scratch run =="
-mgrow finetune "$out/grown.safetensors" --budget 0.45 --reference-epochs 40 "${common[@]}" \
+echo "== 4. finetune the grown net: growth FLOPs (sibling + this) = 0.45X of a 6-epoch wide run =="
+mgrow finetune "$out/grown.safetensors" --budget 0.45 --reference-epochs 6 "${common[@]}" \
   -o "$out/final.safetensors"
 echo "== 5. the training-FLOPs ledger =="
 mgrow flops "$out/final.safetensors" | tail -n 12

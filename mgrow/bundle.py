@@ -7,9 +7,11 @@ folder, fsync, rename), so an interrupted or failed write never leaves a partial
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -61,6 +63,14 @@ def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: obj
                          + "; ".join(problems))
 
 
+def check_finite(tensors: dict[str, torch.Tensor], where: object) -> None:
+    """Raise MgrowError if a floating-point tensor holds NaN or infinite values."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise MgrowError(f"{where}: tensor {k} holds NaN or infinite values (a corrupt file "
+                             "or a diverged run)")
+
+
 def _few(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
@@ -110,7 +120,9 @@ def parse_manifest(text: str, where: object) -> Manifest:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise MgrowError(f"{where}: manifest is not valid JSON ({e.msg})") from None
-    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if not isinstance(raw, dict):
+        raise MgrowError(f"{where}: invalid manifest: not a JSON object")
+    version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise MgrowError(f"{where}: manifest format version {version!r}; this mgrow reads "
                          f"version {FORMAT_VERSION} (upgrade mgrow or re-export the bundle)")
@@ -126,11 +138,16 @@ def load(path: str | os.PathLike) -> Bundle:
     """Return the bundle at `path`, fully validated (manifest and tensors)."""
     data = read_bytes(path)
     meta = header(data, path).get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise MgrowError(f"{path}: corrupt safetensors header (__metadata__ is not a JSON object)")
     if META_KEY not in meta:
         raise MgrowError(f"{path}: a safetensors file without an mgrow manifest (a plain "
                          f"checkpoint? use `mgrow convert` first)")
+    if not isinstance(meta[META_KEY], str):
+        raise MgrowError(f"{path}: invalid manifest: not a JSON text in the header")
     manifest = parse_manifest(meta[META_KEY], path)
     tensors = load_tensors(data, path)
+    check_finite(tensors, path)
     bundle = Bundle(manifest, tensors, Path(path), hashlib.sha256(data).hexdigest())
     from .arch import build
     check_tensors(build(manifest.arch, manifest.mixing, meta=True), tensors, path)
@@ -159,20 +176,46 @@ def save_model(path: str | os.PathLike, manifest: Manifest, model: nn.Module,
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
     """Return `path` if a new file may be written there, else raise MgrowError."""
     p = Path(path)
-    if p.exists() and not force:
-        raise MgrowError(f"{p}: already exists (pass --force to overwrite)")
     if p.is_dir():
         raise MgrowError(f"{p}: is a directory")
+    if p.exists() and not p.is_file():  # a device or FIFO: the rename would replace it
+        raise MgrowError(f"{p}: not a regular file")
+    if p.exists() and not force:
+        raise MgrowError(f"{p}: already exists (pass --force to overwrite)")
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise MgrowError(f"{folder}: no such folder for the output")
-    if not os.access(folder, os.W_OK):
-        raise MgrowError(f"{folder}: folder is not writable")
+    try:  # os.access is True for root even where no file can be made (/proc, /sys)
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        Path(probe).unlink(missing_ok=True)
+    except OSError as e:
+        raise MgrowError(f"{folder}: folder is not writable ({e.strerror or e})") from None
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temps(p: Path) -> None:
+    """Remove the temporary files that killed writers of `p` left (see write_atomic)."""
+    stale = re.compile(re.escape(f".{p.name}.") + r"[a-z0-9_]{8}" + re.escape(".tmp"))
+    with contextlib.suppress(OSError):  # best effort: the write itself has succeeded
+        for q in p.parent.iterdir():
+            if stale.fullmatch(q.name):
+                q.unlink(missing_ok=True)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
-    """Write `data` to `path` via a temporary file and a rename; never leaves a partial file."""
+    """Write `data` to `path` via a temporary file and a rename; never leaves a partial file.
+
+    A writer killed outright (SIGKILL, power loss) leaves its temporary file
+    `.<name>.<8 random chars>.tmp` behind; the next successful write of the same path
+    removes such leftovers.
+    """
     p = check_writable(path, force)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
     try:
@@ -180,6 +223,7 @@ def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> P
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, p)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -187,6 +231,7 @@ def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> P
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _remove_stale_temps(p)
     return p
 
 

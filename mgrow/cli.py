@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -47,13 +49,18 @@ SharingOpt = Annotated[Sharing, typer.Option(
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (initialisation, data order).")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"mgrow {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option(
         "--debug", help="Show Python tracebacks instead of one-line errors.")] = False,
-        version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False):
-    if version:
-        out.print(f"mgrow {__version__}")
-        raise typer.Exit()
+        version: Annotated[Optional[bool], typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version.")] = None):
+    pass
 
 
 def _mixing(templates: int, sharing: Sharing, edge_templates: int, freeze_edges: bool):
@@ -112,6 +119,9 @@ def flops(
 ):
     """Forward FLOPs (fvcore) per layer, parameter counts and the training-FLOPs ledger."""
     from .flops import report as flops_report
+    if input_size is not None and input_size < 8:
+        raise MgrowError(f"--input-size must be at least 8, not {input_size}")
+    _positive("--reference-epochs", reference_epochs)
     report = flops_report(bundle, input_size, reference_epochs)
     if as_json:
         print(json.dumps(report, indent=1))
@@ -247,15 +257,27 @@ AsJson = Annotated[bool, typer.Option("--json", help="Progress and result as JSO
                                       "stdout.")]
 
 
+def _positive(option: str, value: float | None) -> None:
+    """Raise MgrowError unless `value` (when given) is a finite positive number."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise MgrowError(f"{option} must be a positive number, not {value:g}")
+
+
 def _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device, amp,
          channels_last, compile_):
+    from pydantic import ValidationError
     from .engine import TrainConfig
-    if epochs is not None and epochs <= 0:
-        raise MgrowError(f"--epochs must be positive, not {epochs:g}")
-    return TrainConfig(epochs=epochs or 1.0, lr=lr, batch_size=batch_size,
-                       warmup_epochs=warmup, weight_decay=weight_decay,
-                       label_smoothing=label_smoothing, seed=seed, device=device, amp=amp,
-                       channels_last=channels_last, compile=compile_)
+    _positive("--epochs", epochs)
+    try:
+        return TrainConfig(epochs=epochs or 1.0, lr=lr, batch_size=batch_size,
+                           warmup_epochs=warmup, weight_decay=weight_decay,
+                           label_smoothing=label_smoothing, seed=seed, device=device, amp=amp,
+                           channels_last=channels_last, compile=compile_)
+    except ValidationError as e:  # name the option, not the config field
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "option"
+        option = "--" + {"warmup_epochs": "warmup"}.get(field, field).replace("_", "-")
+        raise MgrowError(f"{option}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def _source(data, data_dir, download, subset):
@@ -373,8 +395,8 @@ def finetune(
     from .phases import finetune as run
     if (epochs is None) == (budget is None):
         raise MgrowError("give exactly one of --epochs and --budget")
-    if budget is not None and budget <= 0:
-        raise MgrowError(f"--budget must be positive, not {budget:g}")
+    _positive("--budget", budget)
+    _positive("--reference-epochs", reference_epochs)
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
                amp, channels_last, compile_)
     outcome = run(bundle, _source(data, data_dir, download, subset), cfg, output,
@@ -409,10 +431,26 @@ def evaluate(
 def main() -> None:
     """Run the CLI; user errors print one line on stderr and exit 2 (with --debug: raise)."""
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="mgrow")
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.TyperException as e:  # usage errors: one line naming the command's --help
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `mgrow`: the help, not an error
+            print(e.format_message())
+            sys.exit(0)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print(f"mgrow: error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a training loop
+        print("mgrow: error: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
     except MgrowError as e:
         if "--debug" in sys.argv:
             raise
+        if type(e).__name__ == "Interrupted":  # engine.Interrupted: stopped by a signal
+            _ignore_signals()
         print(f"mgrow: error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
     except OSError as e:
@@ -420,3 +458,11 @@ def main() -> None:
             raise
         print(f"mgrow: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _ignore_signals() -> None:
+    """Ignore further Ctrl-C/SIGTERM while exiting after an interruption: a user pressing
+    Ctrl-C again would otherwise get tracebacks from interpreter shutdown after the one-line
+    message."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)

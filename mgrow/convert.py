@@ -24,7 +24,7 @@ from torch import nn
 
 from . import MgrowError
 from .arch import build
-from .bundle import check_tensors, header, load_tensors, read_bytes
+from .bundle import check_finite, check_tensors, header, load_tensors, read_bytes
 from .manifest import ArchSpec, Lineage, Manifest, MixingSpec, Parent
 from .mixing import mixed_layers, random_orthogonal
 
@@ -38,12 +38,14 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         return load_tensors(data, p)
     import io
     import pickle
+    import warnings
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it did not write
+            warnings.simplefilter("ignore")
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
-        raise MgrowError(f"{p}: refused to load: not a plain tensor checkpoint ({first[:200]})"
-                         ) from None
+        raise MgrowError(f"{p}: refused to load: not a plain tensor checkpoint "
+                         f"({_unpickling_reason(e)})") from None
     except Exception as e:
         raise MgrowError(f"{p}: not a PyTorch checkpoint ({type(e).__name__})") from None
     for key in ("state_dict", "model"):
@@ -55,7 +57,17 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                          "'state_dict' or 'model')")
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
         obj = {k[len("module."):]: v for k, v in obj.items()}
+    check_finite(obj, p)
     return obj
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """Return the line of torch's weights-only error that says what was refused."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    reason = next((ln for ln in lines if not ln.startswith(boilerplate)),
+                  lines[0] if lines else "unpickling failed")
+    return reason.removeprefix("WeightsUnpickler error: ")[:200]
 
 
 def _check_classes(plain: nn.Module, state: dict[str, torch.Tensor], src: object) -> None:

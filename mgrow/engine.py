@@ -9,21 +9,27 @@
   mgrow.data), and a checkpoint holds the model, optimizer, step, images seen and the torch
   CPU RNG state, so a resumed run is bit-for-bit the uninterrupted one on the same device.
 - After every epoch: evaluation on the test split, one JSON line in the metrics file
-  (truncated by a fresh run, appended to by a resumed one) and an atomic checkpoint.
+  (truncated by a fresh run; a resumed one drops the lines of epochs after its checkpoint,
+  then appends) and an atomic checkpoint.
 - SIGINT/SIGTERM: the current step finishes, a checkpoint is saved (mid-epoch if need be)
-  and `Interrupted` is raised; a second signal stops at once.
+  and `Interrupted` is raised; a second signal stops at once, keeping the last checkpoint
+  (also `Interrupted`, so still a one-line error).
 - A non-finite loss raises MgrowError and leaves the last checkpoint untouched. On CPU it
   is checked every step; on CUDA every SYNC_EVERY steps and at each epoch's end, without a
   host sync in between, and the first bad step is still named exactly.
 - Progress: "bar" (rich, on stderr), "json" (each epoch's metrics record as a line on
   stdout), "quiet", or a callable given each epoch's record.
 - Distributed: under torchrun (WORLD_SIZE > 1) the process group is started if needed (nccl
-  on CUDA, gloo on CPU), the model wrapped in DistributedDataParallel, each rank trains on
-  its slice of every global batch, metrics are all-reduced and only rank 0 prints or writes.
+  on CUDA, gloo on CPU) and kept until the process exits, the model wrapped in
+  DistributedDataParallel, each rank trains on its slice of every global batch, metrics are
+  all-reduced and only rank 0 prints or writes. BatchNorm stays per rank (each normalises
+  its slice; SyncBatchNorm does not run on CPU), and a checkpoint holds nothing
+  rank-specific, so a run may resume with another number of processes.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -139,6 +145,14 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def is_main_process() -> bool:
+    """Return whether this process writes files and prints: always, except a non-zero rank
+    under torchrun (RANK > 0), whose results are rank 0's."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def device_name(dev: torch.device, world: int = 1) -> str:
     """Return a readable device name such as 'cpu' or '2x NVIDIA H100 80GB HBM3'."""
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
@@ -214,6 +228,8 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
                               momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
         if resume:
             saved = _load_checkpoint(checkpoint, model, opt, cfg, data)
+            if metrics_path is not None and rank == 0:  # drop epochs the checkpoint lacks
+                _trim_metrics(metrics_path, saved["step"])
         else:
             torch.manual_seed(cfg.seed)
             saved = {"step": 0, "images": 0, "wall_s": 0.0, "train_loss": math.nan}
@@ -224,7 +240,7 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
             model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model
         if cfg.compile:
             net = torch.compile(net)
-        stop = stack.enter_context(_stop_on_signals())
+        stop = stack.enter_context(_stop_on_signals(checkpoint))
         report = stack.enter_context(_Reporter(progress if rank == 0 else "quiet", total, step))
 
         def wall() -> float:
@@ -337,43 +353,73 @@ def _nonfinite_message(first_bad: int, per_epoch: int, total: int,
 
 @contextlib.contextmanager
 def _process_group(dev: torch.device) -> Iterator[tuple[int, int]]:
-    """Yield (rank, world): (0, 1) alone; under torchrun, joining (or starting) the group."""
+    """Yield (rank, world): (0, 1) alone; under torchrun, joining (or starting) the group.
+
+    A group started here stays up until the process exits: destroying and re-creating the
+    default group within one torchrun launch reuses its rendezvous keys in the launcher's
+    store, and the second rendezvous can hang (seen with gloo), so a second train() in the
+    same processes (a finetune after a train, say) joins the first one's group.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield 0, 1
         return
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    started = not dist.is_initialized()
-    if started:
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        if started:
-            dist.destroy_process_group()
+        atexit.register(_end_process_group)
+    yield dist.get_rank(), dist.get_world_size()
+
+
+def _end_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank under torchrun (after rank 0 has written a file the others need)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 @dataclass
 class _Stop:
     signal: str | None = None  # name of the first signal received
+    at_once: str | None = None  # name of a second signal: stopping without a checkpoint
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[_Stop]:
-    """Yield a flag that SIGINT/SIGTERM set (main thread only); old handlers come back on exit."""
+def _stop_on_signals(checkpoint: Path | None = None) -> Iterator[_Stop]:
+    """Yield a flag that SIGINT/SIGTERM set (main thread only); old handlers come back on exit.
+
+    A second signal stops at once (KeyboardInterrupt wherever the loop is; an interrupted
+    checkpoint write leaves the previous checkpoint) and becomes `Interrupted`, naming the
+    checkpoint to resume from; further signals are ignored while stopping.
+    """
     stop = _Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum: int, frame: object) -> None:
+        if stop.at_once:
+            return
         if stop.signal is not None:
+            stop.at_once = signal.Signals(signum).name
             raise KeyboardInterrupt  # a second signal: stop at once
         stop.signal = signal.Signals(signum).name
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
+    except KeyboardInterrupt:
+        if not stop.at_once:
+            raise
+        kept = (f"the last checkpoint {checkpoint} is intact; run again with --resume to "
+                f"continue from it" if checkpoint is not None and Path(checkpoint).exists()
+                else "no checkpoint had been saved yet")
+        raise Interrupted(f"stopped at once by a second signal ({stop.at_once}): {kept}"
+                          ) from None
     finally:
         for s, h in old.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
@@ -418,6 +464,27 @@ def _load_checkpoint(path: Path | None, model: nn.Module, opt: torch.optim.Optim
     opt.load_state_dict(ck["optimizer"])
     torch.set_rng_state(ck["rng"])
     return {k: ck[k] for k in ("step", "images", "wall_s", "train_loss")}
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the metrics lines of epochs after `step` (written before a crash, not in the
+    checkpoint being resumed, and about to be recorded again)."""
+    try:
+        lines = Path(path).read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise MgrowError(f"{path}: cannot read metrics ({e.strerror})") from None
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] > step:
+                break
+        except (ValueError, KeyError, TypeError):  # a torn last line from a killed writer
+            break
+        keep.append(line)
+    if len(keep) < len(lines):
+        write_atomic(path, "".join(keep).encode(), force=True)
 
 
 def _write_metrics(path: Path, record: dict | None) -> None:

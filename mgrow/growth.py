@@ -140,8 +140,11 @@ def check_members(members: list[Bundle], factor: int, method: str) -> None:
             if x != y:
                 raise MgrowError(f"cannot fuse: the members have different {what}: {x} vs {y}")
         if a.data is not None and b.data is not None and a.data != b.data:
+            def seen(d):  # name the difference: the spec, else the images actually used
+                return d.spec if a.data.spec != b.data.spec else \
+                    f"{d.spec}, {d.train_size} training images"
             raise MgrowError(f"cannot fuse: the members were trained on different data sets "
-                             f"({a.data.spec} vs {b.data.spec})")
+                             f"({seen(a.data)} vs {seen(b.data)})")
 
 
 def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
@@ -156,6 +159,8 @@ def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
     m, g = len(members), factor
     first = members[0].manifest
     noise = (0.01 if method == "net2net" else 0.0) if noise is None else noise
+    if not (0 <= noise < float("inf")):
+        raise MgrowError(f"--noise must be a finite number >= 0, not {noise:g}")
     spec = first.mixing or MixingSpec()
     arch = first.arch.widened(g)
     skeleton_mix = spec.model_copy(update={"factor": g, "members": m, "tiling": tiling,

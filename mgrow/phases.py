@@ -18,7 +18,8 @@ from . import MgrowError
 from .arch import build, check_name
 from .bundle import Bundle, check_writable, load, save_model
 from .data import Data, load_data
-from .engine import Progress, TrainConfig, TrainResult, evaluate, train
+from .engine import (Progress, TrainConfig, TrainResult, barrier, evaluate, is_main_process,
+                     train)
 from .flops import epochs_for_budget, forward_flops
 from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Phase
 
@@ -90,9 +91,11 @@ def run_phase(manifest: Manifest, model: nn.Module, data: Data, cfg: TrainConfig
                   wall_s=round(result.wall_s, 3), device=result.device,
                   accuracy=result.accuracy)
     manifest = manifest.with_phase(phase).model_copy(update={"data": data.spec})
-    path = save_model(output, manifest, model, force)
-    ckpt.unlink(missing_ok=True)
-    return Outcome(path, manifest, result, cfg.epochs)
+    if is_main_process():  # under torchrun rank 0 alone writes the bundle
+        save_model(output, manifest, model, force)
+        ckpt.unlink(missing_ok=True)
+    barrier()  # and every rank returns once it is written
+    return Outcome(Path(output), manifest, result, cfg.epochs)
 
 
 def train_new(arch_name: str, source: DataSource, cfg: TrainConfig, output: Path, *,

@@ -129,3 +129,10 @@ def test_header_corruption_detected_or_harmless(tmp_path_factory, offset, value)
     # harmless: what loaded is a complete, consistent bundle
     model = b.model()
     assert set(model.state_dict()) == set(original.tensors)
+
+
+def test_written_files_get_the_usual_mode(bundle_file):
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    assert bundle_file.stat().st_mode & 0o777 == 0o666 & ~mask

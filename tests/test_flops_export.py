@@ -117,3 +117,13 @@ def test_cli_choices_match_the_library():
     assert [e.value for e in cli.Tiling] == list(get_args(MixingSpec.model_fields["tiling"].annotation))
     assert [e.value for e in cli.Sharing] == list(get_args(MixingSpec.model_fields["sharing"].annotation))
     assert [e.value for e in cli.Norm] == list(get_args(ArchSpec.model_fields["norm"].annotation))
+
+
+def test_usage_errors_are_one_line():
+    for args, message in ((("fuse", "a", "--factor", "x", "-o", "y"), "--factor"),
+                          (("nosuch",), "No such command"),
+                          (("flops",), "Missing argument")):
+        r = run_cli(*args)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert run_cli("--version").stdout.startswith("mgrow ")
