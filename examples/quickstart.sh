@@ -19,4 +19,4 @@ echo "== 4. finetune the grown net: growth FLOPs (sibling + this) = 0.45X of a 6
 mgrow finetune "$out/grown.safetensors" --budget 0.45 --reference-epochs 6 "${common[@]}" \
   -o "$out/final.safetensors"
 echo "== 5. the training-FLOPs ledger =="
-mgrow flops "$out/final.safetensors" | tail -n 12
+mgrow flops "$out/final.safetensors" --reference-epochs 6 | tail -n 9

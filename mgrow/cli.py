@@ -20,7 +20,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   rich_markup_mode=None,
                   help="Grow a trained network into a wider one (MixtureGrowth). Every file "
                        "mgrow reads or writes is a safetensors bundle with a manifest.")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: no wrapping
 
 
 def _choices(name: str, *values: str) -> type[Enum]:
