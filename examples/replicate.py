@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", default="main", help="main; paper (main + ablations + post-"
                    "growth lr sweep); all (paper + growth points); or a comma-separated list")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report-only", action="store_true", help="train nothing: tabulate the "
+                   "rows already finished in --out")
     a = p.parse_args(argv)
     scale = SCALES[a.scale]
     extra = ABLATIONS + tuple(f"mg-lr-{x:g}" for x in LRS)
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         for seed in range(a.seeds):
             runner = Runner(a.out / f"seed{seed}", scale, seed, a.data, a.quiet)
             for name in names:
+                if a.report_only and not runner.path(name).exists():
+                    continue
                 print(f"[seed {seed}] {name}", file=sys.stderr, flush=True)
                 runs.append(runner.row(name))
                 write_results(a, scale, runs)  # after every row: a stopped run still reports
