@@ -29,7 +29,7 @@ import torch
 
 from . import MgrowError
 from .arch import build
-from .bundle import Bundle
+from .bundle import Bundle, check_tensors
 from .manifest import Growth, Manifest, MixingSpec
 from .mixing import MixedLayer, init_weight_, mixed_layers, plain_state_dict, random_orthogonal
 
@@ -178,7 +178,7 @@ def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
         tensors = (_net2net(sources[0], skeleton, g, noise, gen) if method == "net2net"
                    else _random(sources, skeleton, gen))
         notes, mixing = [], None
-    _check_shapes(tensors, build(arch, mixing, meta=True))
+    check_tensors(build(arch, mixing, meta=True), tensors, "grown network")  # an invariant
     growth = Growth(method=method, init=init if method == "mixture" else None, factor=g,
                     members=m, tiling=tiling, seed=seed, noise=noise, rank_notes=tuple(notes))
     phases = list(first.phases)
@@ -196,11 +196,6 @@ def _plain(bundle: Bundle) -> dict[str, torch.Tensor]:
     if bundle.manifest.mixing is None:
         return bundle.tensors
     return plain_state_dict(bundle.model())
-
-
-def _check_shapes(tensors: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
-    from .bundle import check_tensors
-    check_tensors(model, tensors, "grown network")  # an internal invariant, never user error
 
 
 def _blocks(parts: list[torch.Tensor], g: int) -> torch.Tensor:

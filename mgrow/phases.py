@@ -16,7 +16,7 @@ from torch import nn
 
 from . import MgrowError
 from .arch import build, check_name
-from .bundle import Bundle, check_writable, load, save_model
+from .bundle import check_writable, load, save_model
 from .data import Data, load_data
 from .engine import (Progress, TrainConfig, TrainResult, barrier, evaluate, is_main_process,
                      train)
