@@ -55,7 +55,7 @@ SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, 
 }
 MAIN = ("small", "small-plain", "small-match", "large", "large-match", "random", "net2net",
         "mg-nofusion", "mg")
-ABLATIONS = ("mg-init-random", "mg-init-copy", "mg-horizontal")
+ABLATIONS = ("mg-init-random", "mg-init-copy", "mg-init-zero", "mg-horizontal")
 POINTS = (0.0, 0.5, 1.0)
 LRS = (0.02, 0.05)  # post-growth peak lr sweep of `mg` (its default, 0.1, is `mg` itself)
 
@@ -160,8 +160,9 @@ class Runner:
         else:
             point = float(name.rpartition("-")[2]) if name.startswith("mg-point-") \
                 else self.s["point"]
-            options = {"mg-init-random": {"init": "random"}, "mg-init-copy": {"init": "copy"},
-                       "mg-horizontal": {"tiling": "horizontal"}}.get(name, {})
+            options = {"mg-horizontal": {"tiling": "horizontal"}}.get(name, {})
+            if name.startswith("mg-init-"):
+                options = {"init": name.rpartition("-")[2]}
             if name.startswith("mg-lr-"):
                 options = {"lr": float(name.rpartition("-")[2])}
             path, at_growth = self.grow(name, self.sibling(point), **options)
@@ -189,7 +190,7 @@ def summarise(runs: list[dict], scale_name: str, scale: dict) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.2f} +- {sd:.2f}"
 
-    lines = [f"| row | top-1 % | at growth % | gain over start (pts) | FLOPs Norm | seeds |",
+    lines = ["| row | top-1 % | at growth % | gain over start (pts) | FLOPs Norm | seeds |",
              "|---|---|---|---|---|---|"]
     for name, rs in rows.items():
         gains = [r["top1"] - r["start_top1"] for r in rs if r["start_top1"] is not None]
@@ -209,17 +210,18 @@ def plot(runs: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     names = sorted({r["row"] for r in runs}, key=[r["row"] for r in runs].index)
-    for name in names:
+    for i, name in enumerate(names):  # 10 colours x 4 markers: no two rows look alike
         rs = [r for r in runs if r["row"] == name]
         x = statistics.mean(r["flops_norm"] for r in rs)
         y = [100 * r["top1"] for r in rs]
         ax.errorbar(x, statistics.mean(y), yerr=statistics.stdev(y) if len(y) > 1 else 0,
-                    fmt="o", capsize=3, label=name)
+                    fmt="osD^"[i // 10 % 4], color=plt.get_cmap("tab10")(i % 10), capsize=3,
+                    label=name)
     ax.set_xlabel("training FLOPs (1.00X = large from scratch)")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
