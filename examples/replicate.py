@@ -13,7 +13,9 @@ number comes with its ledger. Rows:
   mg-nofusion     MixtureGrowth without a sibling
   mg              MixtureGrowth: sibling trained for growth point p of E epochs, fuse
                   (orthogonal, vertical), finetune --budget
-  mg-init-random, mg-init-copy, mg-horizontal      ablations of `mg` (same sibling)
+  mg-init-random, mg-init-copy, mg-init-zero, mg-horizontal
+                  ablations of `mg` (same sibling); zero: the grown net starts as the
+                  mean of the two members (function-preserving)
   mg-point-P      the growth-point sweep (sibling trained for P x E epochs)
   mg-lr-X         `mg` finetuned with peak lr X instead of the default 0.1 (the sweep
                   that justifies the post-growth default; its cost is reported per row)
@@ -51,6 +53,9 @@ CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, growth budget
     "tiny": dict(arch="wrn-10-2", subset=300, epochs=1, batch=50, budget=0.45, point=0.8),
     "cpu": dict(arch="wrn-10-2", subset=4000, epochs=8, batch=64, budget=0.45, point=0.8),
+    # the cpu scale trained ~4x longer: closer to convergence, ~40 min a seed on 2 cores
+    "cpu-long": dict(arch="wrn-10-2", subset=4000, epochs=30, batch=64, budget=0.45,
+                     point=0.8),
     "gpu": dict(arch="wrn-28-10", subset=None, epochs=200, batch=128, budget=0.45, point=0.8),
 }
 MAIN = ("small", "small-plain", "small-match", "large", "large-match", "random", "net2net",
