@@ -232,7 +232,8 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
                 _trim_metrics(metrics_path, saved["step"])
         else:
             torch.manual_seed(cfg.seed)
-            saved = {"step": 0, "images": 0, "wall_s": 0.0, "train_loss": math.nan}
+            saved = {"step": 0, "images": 0, "wall_s": 0.0, "train_loss": math.nan,
+                     "epoch_loss": (0.0, 0)}
             if metrics_path is not None and rank == 0:
                 _write_metrics(metrics_path, None)
         step, images, train_loss = saved["step"], saved["images"], saved["train_loss"]
@@ -253,6 +254,8 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
             epoch, first = divmod(step, per_epoch)
             net.train()
             loss_sum, seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
+            # steps of this epoch run before a resume: (mean loss, steps), from the checkpoint
+            prior_mean, prior_n = saved.pop("epoch_loss", (0.0, 0)) if first else (0.0, 0)
             for x, y in batches(data, True, cfg.batch_size, epoch, cfg.seed, rank, world, first):
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 if cl:
@@ -278,12 +281,16 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
                         raise MgrowError(_nonfinite_message(first_bad, per_epoch, total,
                                                             checkpoint))
                     speed = seen * cfg.batch_size / (time.perf_counter() - t_epoch)
-                    report.advance(step, epoch + 1, float(loss_sum) / seen, speed)
+                    report.advance(step, epoch + 1,
+                                   (float(loss_sum) + prior_mean * prior_n) / (seen + prior_n),
+                                   speed)
                 if stopping or step == total:
                     break
             epoch_done = step % per_epoch == 0 or step == total
+            epoch_loss = (_mean_over_ranks(loss_sum + prior_mean * prior_n, seen + prior_n,
+                                           world), seen + prior_n)
             if epoch_done:
-                train_loss = _mean_over_ranks(loss_sum, seen, world)
+                train_loss, epoch_loss = epoch_loss[0], (0.0, 0)
                 speed = seen * cfg.batch_size / (time.perf_counter() - t_epoch)
                 if cfg.eval_every_epoch or step == total:
                     if world > 1:  # evaluate rank 0's model (the one that is saved) everywhere
@@ -302,7 +309,7 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
                     stopping = _agree(bad, stop.signal is not None, world)[1]
             if checkpoint is not None and rank == 0 and (epoch_done or stopping):
                 _save_checkpoint(checkpoint, model, opt, step, per_epoch, images, wall(),
-                                 train_loss, cfg, data)
+                                 train_loss, epoch_loss, cfg, data)
             if stopping and step < total:
                 if world > 1:
                     dist.barrier()  # rank 0 has written the checkpoint before anyone exits
@@ -427,14 +434,15 @@ def _stop_on_signals(checkpoint: Path | None = None) -> Iterator[_Stop]:
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int,
                      per_epoch: int, images: int, wall_s: float, train_loss: float,
-                     cfg: TrainConfig, data: Data) -> None:
-    """Write a resumable training checkpoint atomically."""
+                     epoch_loss: tuple[float, int], cfg: TrainConfig, data: Data) -> None:
+    """Write a resumable training checkpoint atomically; `epoch_loss` is the (mean training
+    loss, steps) of the unfinished epoch, so a resumed run reports the whole epoch's mean."""
     buf = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "step": step, "epoch": step // per_epoch,
                 "images": images, "wall_s": wall_s, "train_loss": train_loss,
-                "rng": torch.get_rng_state(), "batch_size": cfg.batch_size,
-                "train_size": len(data.train_y)}, buf)
+                "epoch_loss": list(epoch_loss), "rng": torch.get_rng_state(),
+                "batch_size": cfg.batch_size, "train_size": len(data.train_y)}, buf)
     write_atomic(path, buf.getvalue(), force=True)
 
 
@@ -463,7 +471,9 @@ def _load_checkpoint(path: Path | None, model: nn.Module, opt: torch.optim.Optim
     model.load_state_dict(ck["model"], strict=True)
     opt.load_state_dict(ck["optimizer"])
     torch.set_rng_state(ck["rng"])
-    return {k: ck[k] for k in ("step", "images", "wall_s", "train_loss")}
+    counters = {k: ck[k] for k in ("step", "images", "wall_s", "train_loss")}
+    mean, n = ck.get("epoch_loss", (0.0, 0))  # absent from older checkpoints
+    return counters | {"epoch_loss": (float(mean), int(n))}
 
 
 def _trim_metrics(path: Path, step: int) -> None:

@@ -162,8 +162,9 @@ def test_interrupt_then_resume_is_bit_for_bit(digits, reference, tmp_path, where
         progress, stopped = (lambda r: r["step"] == 11 and signal.raise_signal(signal.SIGINT),
                              "epoch 1, step 11 of 22")
     before = signal.getsignal(signal.SIGINT)
+    metrics = tmp_path / "metrics.jsonl"
     with pytest.raises(Interrupted, match="--resume") as e:
-        train(model, digits, CFG, checkpoint=ck, progress=progress)
+        train(model, digits, CFG, checkpoint=ck, progress=progress, metrics_path=metrics)
     assert f"stopped by SIGINT at {stopped}" in str(e.value)
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     if handle is not None:
@@ -171,10 +172,16 @@ def test_interrupt_then_resume_is_bit_for_bit(digits, reference, tmp_path, where
     assert _load(ck)["step"] == int(stopped.split("step ")[1].split()[0])
     fresh = build(DIGITS_ARCH, MixingSpec(), seed=99)  # every tensor comes from the checkpoint
     torch.manual_seed(12345)  # and so does the RNG state
-    result = train(fresh, digits, CFG, checkpoint=ck, resume=True, progress="quiet")
+    result = train(fresh, digits, CFG, checkpoint=ck, resume=True, progress="quiet",
+                   metrics_path=metrics)
     _assert_same_run(fresh, ck, reference)
     assert (result.steps, result.images) == (22, 22 * 128)
     assert result.accuracy == reference[1].accuracy
+    # every epoch's train_loss is its mean over all its steps, those before the stop included
+    got = [json.loads(line)["train_loss"] for line in metrics.read_text().splitlines()]
+    want = [json.loads(line)["train_loss"]
+            for line in (reference[3] / "metrics.jsonl").read_text().splitlines()]
+    assert got == pytest.approx(want, rel=1e-6, abs=0)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(digits, tmp_path):
