@@ -53,7 +53,7 @@ CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, growth budget
     "tiny": dict(arch="wrn-10-2", subset=300, epochs=1, batch=50, budget=0.45, point=0.8),
     "cpu": dict(arch="wrn-10-2", subset=4000, epochs=8, batch=64, budget=0.45, point=0.8),
-    # the cpu scale trained ~4x longer: closer to convergence, ~40 min a seed on 2 cores
+    # the cpu scale trained ~4x longer: closer to convergence, ~30 min a seed on 2 idle cores
     "cpu-long": dict(arch="wrn-10-2", subset=4000, epochs=30, batch=64, budget=0.45,
                      point=0.8),
     "gpu": dict(arch="wrn-28-10", subset=None, epochs=200, batch=128, budget=0.45, point=0.8),
