@@ -165,7 +165,7 @@ class Runner:
         else:
             point = float(name.rpartition("-")[2]) if name.startswith("mg-point-") \
                 else self.s["point"]
-            options = {"mg-horizontal": {"tiling": "horizontal"}}.get(name, {})
+            options = {"tiling": "horizontal"} if name == "mg-horizontal" else {}
             if name.startswith("mg-init-"):
                 options = {"init": name.rpartition("-")[2]}
             if name.startswith("mg-lr-"):

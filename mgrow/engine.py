@@ -232,8 +232,7 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
                 _trim_metrics(metrics_path, saved["step"])
         else:
             torch.manual_seed(cfg.seed)
-            saved = {"step": 0, "images": 0, "wall_s": 0.0, "train_loss": math.nan,
-                     "epoch_loss": (0.0, 0)}
+            saved = {"step": 0, "images": 0, "wall_s": 0.0, "train_loss": math.nan}
             if metrics_path is not None and rank == 0:
                 _write_metrics(metrics_path, None)
         step, images, train_loss = saved["step"], saved["images"], saved["train_loss"]
