@@ -32,7 +32,7 @@ def _choices(name: str, *values: str) -> type[Enum]:
 # so that `mgrow --help` does not have to import torch.
 Tiling = _choices("Tiling", "vertical", "horizontal")
 Init = _choices("Init", "orthogonal", "random", "copy", "zero")
-Method = _choices("Method", "mixture", "random", "net2net")
+Method = _choices("Method", "mixture", "random", "net2net", "gradmax", "firefly")
 Sharing = _choices("Sharing", "pairs", "none")
 Norm = _choices("Norm", "every", "block")
 
@@ -193,17 +193,36 @@ def fuse(
     ] = Method.mixture,
     noise: Annotated[Optional[float], typer.Option(
         "--noise", help="Relative noise on new tiles: copy (default 0), net2net (default "
-        "0.01).")] = None,
+        "0.01); firefly: perturbation of split copies' fan-in (default 0.1).")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="gradmax/firefly: the data their growth step reads (spec as for "
+        "train) [default: A's own].", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, help="gradmax/firefly: images per growth step.")] = 64,
+    growth_steps: Annotated[int, typer.Option(
+        "--growth-steps", min=1, help="gradmax: batches of gradient statistics; firefly: "
+        "optimiser steps per candidate kind. Charged to the ledger as a growth phase.")] = 8,
+    subset: Annotated[Optional[int], typer.Option(
+        "--subset", min=1, help="gradmax/firefly: draw batches from the first N training "
+        "images, class-balanced.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(
+        "--data-dir", help="Root of torchvision data sets [default: $MGROW_DATA, else "
+        "~/.cache/mgrow/data].", show_default=False)] = None,
     seed: SeedOpt = 0,
     force: Force = False,
 ):
-    """Grow one or two trained bundles into a wider one (no data pass)."""
+    """Grow one or two trained bundles, or a grown one again, into a wider one.
+
+    mixture, random and net2net need no data; gradmax and firefly read a few batches.
+    """
     from .growth import fuse_files
+    from .phases import DataSource
     if output is None:
         raise MgrowError("missing --output/-o: where to write the grown bundle")
     path, grown = fuse_files(a, b, output, factor=factor, tiling=tiling.value,
-                               init=init.value, method=method.value, seed=seed, noise=noise,
-                               force=force)
+                             init=init.value, method=method.value, seed=seed, noise=noise,
+                             source=DataSource(data, data_dir, False, subset),
+                             batch_size=batch_size, steps=growth_steps, force=force)
     for note in grown.notes[:3]:
         print(f"note: {note}", file=sys.stderr)
     if len(grown.notes) > 3:

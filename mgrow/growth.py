@@ -17,6 +17,14 @@ Baselines (plain outputs): `random` keeps the carried tiles and draws every othe
 fresh plain weight (the wide layer's initial distribution); `net2net` widens one member
 function-preservingly: every unit is replicated g times and every tile is the member's
 weight divided by the input replication g (stem: not divided), plus `noise` on new tiles.
+`gradmax` and `firefly` read a few batches of data (see mgrow.datagrowth); their growth
+step's training FLOPs become a ledger row.
+
+Growing again: a grown bundle is accepted as the only member. Its whole grid becomes the
+carried region of the next one: a mixed net of factor G grows to factor G x g (tiles keep
+the original member size, owners stay j mod m, the tiling must stay the same, the
+classifier is not averaged again), so `--init zero` keeps its logits exactly. The plain
+methods treat it as one plain member of its own width.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import torch
 from . import MgrowError
 from .arch import build
 from .bundle import Bundle, check_tensors
-from .manifest import Growth, Manifest, MixingSpec
+from .manifest import ArchSpec, DatasetSpec, Growth, Manifest, MixingSpec, Phase
 from .mixing import MixedLayer, init_weight_, mixed_layers, plain_state_dict, random_orthogonal
 
 Vectors = torch.Tensor  # (n, t) float64
@@ -104,7 +112,6 @@ def init_zero(existing: Vectors, sources: Vectors, gen: torch.Generator
 INITS: dict[str, Callable[..., tuple[Vectors, str | None]]] = {
     "orthogonal": init_orthogonal, "random": init_random, "copy": init_copy, "zero": init_zero,
 }
-METHODS = ("mixture", "random", "net2net")
 
 
 @dataclass
@@ -112,6 +119,40 @@ class Grown:
     manifest: Manifest
     tensors: dict[str, torch.Tensor]
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """Everything a growth method needs: members, the grown layout, options, data."""
+
+    members: list[Bundle]
+    skeleton: torch.nn.Module  # the grown net's mixed layout, shapes only (tiles, grids)
+    arch: ArchSpec  # the grown architecture
+    mixing: MixingSpec  # the grown net's mixing spec (used by `mixture`)
+    init: str
+    noise: float
+    gen: torch.Generator
+    seed: int
+    source: object | None = None  # phases.DataSource for the data-driven methods
+    batch_size: int = 64
+    steps: int = 8
+
+
+@dataclass
+class Result:
+    """A method's output: tensors, whether they are template-mixed, notes, a ledger row."""
+
+    tensors: dict[str, torch.Tensor]
+    mixed: bool
+    notes: list[str] = field(default_factory=list)
+    phase: Phase | None = None  # the growth step's own training FLOPs (data methods)
+    data: DatasetSpec | None = None  # the data the growth step read
+
+
+def grid(bundle: Bundle) -> int:
+    """Return the bundle's tile grid size: 1 for an ungrown (or plain) net."""
+    mix = bundle.manifest.mixing
+    return mix.factor if mix is not None else 1
 
 
 def check_members(members: list[Bundle], factor: int, method: str) -> None:
@@ -122,12 +163,12 @@ def check_members(members: list[Bundle], factor: int, method: str) -> None:
         raise MgrowError(f"--factor must be at least 2 (got {factor})")
     if not 1 <= len(members) <= 2:
         raise MgrowError("fuse takes one or two members")
-    if method == "net2net" and len(members) > 1:
-        raise MgrowError("--method net2net widens one network; give only A")
+    if method in ("net2net", "gradmax", "firefly") and len(members) > 1:
+        raise MgrowError(f"--method {method} widens one network; give only A")
     for b in members:
         mix = b.manifest.mixing
-        if b.manifest.growth is not None or (mix is not None and mix.factor > 1):
-            raise MgrowError(f"{b.path}: already grown; fuse grows ungrown members only")
+        if len(members) > 1 and (b.manifest.growth is not None or grid(b) > 1):
+            raise MgrowError(f"{b.path}: already grown; grow a grown bundle alone (omit B)")
         if method == "mixture" and mix is None:
             raise MgrowError(f"{b.path}: a plain network; --method mixture needs template-"
                              "mixed members (run `mgrow convert` first)")
@@ -149,47 +190,60 @@ def check_members(members: list[Bundle], factor: int, method: str) -> None:
 
 def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
          init: str = "orthogonal", method: str = "mixture", seed: int = 0,
-         noise: float | None = None) -> Grown:
-    """Return the grown network (manifest and tensors) of one or two members."""
+         noise: float | None = None, source: object | None = None, batch_size: int = 64,
+         steps: int = 8) -> Grown:
+    """Return the grown network (manifest and tensors) of one or two members.
+
+    `source` (a phases.DataSource), `batch_size` and `steps` feed the data-driven methods.
+    """
     check_members(members, factor, method)
     if method == "mixture" and init not in INITS:
         raise MgrowError(f"unknown --init {init!r}: expected one of {', '.join(INITS)}")
     if tiling not in ("vertical", "horizontal"):
         raise MgrowError(f"unknown --tiling {tiling!r}: expected vertical or horizontal")
+    if batch_size < 1 or steps < 1:
+        raise MgrowError(f"--batch-size and --growth-steps must be at least 1 (got "
+                         f"{batch_size} and {steps})")
     m, g = len(members), factor
     first = members[0].manifest
-    noise = (0.01 if method == "net2net" else 0.0) if noise is None else noise
+    noise = DEFAULT_NOISE.get(method, 0.0) if noise is None else noise
     if not (0 <= noise < float("inf")):
         raise MgrowError(f"--noise must be a finite number >= 0, not {noise:g}")
     spec = first.mixing or MixingSpec()
     arch = first.arch.widened(g)
-    skeleton_mix = spec.model_copy(update={"factor": g, "members": m, "tiling": tiling,
-                                           "freeze_edges": False})
+    before = grid(members[0])
+    if method == "mixture" and before > 1 and spec.tiling != tiling:
+        raise MgrowError(f"{members[0].path}: grown with --tiling {spec.tiling}; grow it "
+                         f"again with the same tiling (its carried tiles keep their owners)")
+    mixing = spec.model_copy(update={"factor": g * before, "members": spec.members
+                                     if before > 1 else m, "tiling": tiling,
+                                     "freeze_edges": False})
+    skeleton_mix = mixing if method == "mixture" else spec.model_copy(update={
+        "factor": g, "members": m, "tiling": tiling, "freeze_edges": False})
     try:
         skeleton = build(arch, skeleton_mix, meta=True)
     except ValueError as e:
         raise MgrowError(f"cannot grow {first.describe()} by {g}: {e}") from None
-    gen = torch.Generator().manual_seed(seed)
-    if method == "mixture":
-        tensors, notes = _mixture(members, skeleton, init, noise, gen)
-        mixing = skeleton_mix
-    else:
-        sources = [_plain(b) for b in members]
-        tensors = (_net2net(sources[0], skeleton, g, noise, gen) if method == "net2net"
-                   else _random(sources, skeleton, gen))
-        notes, mixing = [], None
-    check_tensors(build(arch, mixing, meta=True), tensors, "grown network")  # an invariant
+    job = Job(members, skeleton, arch, mixing, init, noise,
+              torch.Generator().manual_seed(seed), seed, source, batch_size, steps)
+    result = METHODS[method](job)
+    mixing = mixing if result.mixed else None
+    check_tensors(build(arch, mixing, meta=True), result.tensors, "grown network")  # invariant
     growth = Growth(method=method, init=init if method == "mixture" else None, factor=g,
-                    members=m, tiling=tiling, seed=seed, noise=noise, rank_notes=tuple(notes))
+                    members=m, tiling=tiling, seed=seed, noise=noise,
+                    rank_notes=tuple(result.notes))
     phases = list(first.phases)
     for b in members[1:]:
         phases += [p.model_copy(update={"stage": "growth"}) for p in b.manifest.phases]
-    data = next((b.manifest.data for b in members if b.manifest.data is not None), None)
+    phases += [result.phase] if result.phase is not None else []
+    data = next((b.manifest.data for b in members if b.manifest.data is not None), result.data)
     options = {"factor": g, "tiling": tiling, "init": init, "method": method, "seed": seed,
                "noise": noise}
+    if result.phase is not None:
+        options |= {"batch_size": batch_size, "growth_steps": steps}
     manifest = first.derived("fuse", options, tuple(b.parent() for b in members), arch=arch,
                              mixing=mixing, data=data, phases=tuple(phases), growth=growth)
-    return Grown(manifest, tensors, notes)
+    return Grown(manifest, result.tensors, result.notes)
 
 
 def _plain(bundle: Bundle) -> dict[str, torch.Tensor]:
@@ -204,8 +258,12 @@ def _blocks(parts: list[torch.Tensor], g: int) -> torch.Tensor:
 
 
 def _common(states: list[dict[str, torch.Tensor]], skeleton: torch.nn.Module, g: int,
-            head: str) -> dict[str, torch.Tensor]:
-    """Return the grown norm layers and biases (blocks per member; the classifier's mean)."""
+            head: str, before: int = 1) -> dict[str, torch.Tensor]:
+    """Return the grown norm layers and biases (blocks per member; the classifier's mean).
+
+    `before` > 1: the one member is itself a grid of `before` blocks, and block j of the
+    grown net is its block j mod `before`.
+    """
     out = {}
     layers = mixed_layers(skeleton)
     for key, ref in skeleton.state_dict().items():
@@ -218,7 +276,7 @@ def _common(states: list[dict[str, torch.Tensor]], skeleton: torch.nn.Module, g:
         elif parts[0].dim() == 0:  # num_batches_tracked
             out[key] = parts[0].clone()
         else:
-            out[key] = _blocks(parts, g)
+            out[key] = _blocks([c for p in parts for c in p.chunk(before)], g)
         assert out[key].shape == ref.shape, key
     return out
 
@@ -227,45 +285,64 @@ def _head(skeleton: torch.nn.Module) -> str:
     return next(n for n, layer in mixed_layers(skeleton).items() if layer.role == "head")
 
 
-def _mixture(members: list[Bundle], skeleton: torch.nn.Module, init: str, noise: float,
-             gen: torch.Generator) -> tuple[dict[str, torch.Tensor], list[str]]:
-    m = len(members)
+def _mixture(job: Job) -> Result:
+    """MixtureGrowth: carried tiles kept, new tiles from existing templates (module doc)."""
+    members, skeleton, init = job.members, job.skeleton, job.init
     states = [b.tensors for b in members]
+    before = grid(members[0])  # > 1: growing a grown net again, alone
+    m = len(members) if before == 1 else members[0].manifest.mixing.members
     head = _head(skeleton)
-    out = _common(states, skeleton, _g(skeleton), head)
+    out = _common(states, skeleton, _g(skeleton), head, before)
     for n in range(len(skeleton.banks)):
         out[f"banks.{n}"] = torch.cat([s[f"banks.{n}"] for s in states])  # (m, t, o, i, *k)
     layers = mixed_layers(skeleton)
+
+    def kept(name: str, layer: MixedLayer, r: int, c: int) -> torch.Tensor | None:
+        """Return the carried coefficient vector of tile (r, c), or None for a new tile."""
+        if before > 1:
+            g_out, g_in = states[0][f"{name}.alpha"].shape[:2]
+            return states[0][f"{name}.alpha"][r, c].double() if r < g_out and c < g_in \
+                else None
+        j = carried(layer.role, r, c, m)
+        return None if j is None else states[j][f"{name}.alpha"][0, 0].double()
+
+    def source(name: str, layer: MixedLayer, r: int, c: int) -> torch.Tensor:
+        """Return the owner's own coefficients at this layer (what `copy` copies)."""
+        if before > 1:
+            a = states[0][f"{name}.alpha"]
+            return a[r % a.shape[0], c % a.shape[1]].double()
+        return states[owner(layer, r, c, m)][f"{name}.alpha"][0, 0].double()
+
     alphas = {name: torch.zeros(layer.alpha.shape, dtype=torch.float64)
               for name, layer in layers.items()}  # (g_out, g_in, t)
     todo: dict[tuple[int, int], list[tuple[str, int, int]]] = {}  # (bank, owner) -> tiles
+    existing: dict[tuple[int, int], list[torch.Tensor]] = {}  # (bank, owner) -> carried
     for name, layer in layers.items():
         g_out, g_in = layer.grid
         for r in range(g_out):
             for c in range(g_in):
-                j = carried(layer.role, r, c, m)
-                if j is not None:
-                    alphas[name][r, c] = states[j][f"{name}.alpha"][0, 0].double()
+                key = (layer.bank_index, owner(layer, r, c, m))
+                vec = kept(name, layer, r, c)
+                if vec is not None:
+                    alphas[name][r, c] = vec
+                    existing.setdefault(key, []).append(vec)
                 else:
-                    todo.setdefault((layer.bank_index, owner(layer, r, c, m)),
-                                    []).append((name, r, c))
+                    todo.setdefault(key, []).append((name, r, c))
     notes = []
     for (n, j), tiles in sorted(todo.items()):
         names = [name for name, layer in layers.items() if layer.bank_index == n]
-        existing = torch.stack([states[j][f"{name}.alpha"][0, 0].double() for name in names])
-        sources = torch.stack([states[j][f"{name}.alpha"][0, 0].double()
-                               for name, _, _ in tiles])
-        kwargs = {"noise": noise} if init == "copy" else {}
-        new, note = INITS[init](existing, sources, gen, **kwargs)
+        sources = torch.stack([source(name, layers[name], r, c) for name, r, c in tiles])
+        kwargs = {"noise": job.noise} if init == "copy" else {}
+        new, note = INITS[init](torch.stack(existing[(n, j)]), sources, job.gen, **kwargs)
         if note:
             notes.append(f"bank {n} (member {j}, layers {', '.join(names)}): {note}")
         for (name, r, c), vec in zip(tiles, new):
             alphas[name][r, c] = vec
     for name, a in alphas.items():
-        if name == head:
+        if name == head and before == 1:
             a = a / m  # the classifier averages the members: exact for m = 1, 2 (powers of 2)
         out[f"{name}.alpha"] = a.float()
-    return out, notes
+    return Result(out, mixed=True, notes=notes)
 
 
 def _g(skeleton: torch.nn.Module) -> int:
@@ -291,8 +368,9 @@ def _tile_weights(skeleton: torch.nn.Module, states: list[dict[str, torch.Tensor
     return out
 
 
-def _random(states: list[dict[str, torch.Tensor]], skeleton: torch.nn.Module,
-            gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _random(job: Job) -> Result:
+    """Carried tiles kept; every other tile a fresh plain weight (the wide layer's init)."""
+    states, skeleton, gen = [_plain(b) for b in job.members], job.skeleton, job.gen
     g = _g(skeleton)
     fresh: dict[str, torch.Tensor] = {}
 
@@ -307,13 +385,17 @@ def _random(states: list[dict[str, torch.Tensor]], skeleton: torch.nn.Module,
         o, i = layer.tile_shape[:2]
         return fresh[name][r * o:(r + 1) * o, c * i:(c + 1) * i]
 
-    return {**_common(states, skeleton, g, _head(skeleton)), **_tile_weights(skeleton, states, fill)}
+    tensors = {**_common(states, skeleton, g, _head(skeleton)),
+               **_tile_weights(skeleton, states, fill)}
+    return Result(tensors, mixed=False)
 
 
-def _net2net(state: dict[str, torch.Tensor], skeleton: torch.nn.Module, g: int, noise: float,
-             gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _net2net(job: Job) -> Result:
+    """Every unit replicated g times, tiles divided by the input replication, + noise."""
+    state, skeleton, g, gen = _plain(job.members[0]), job.skeleton, _g(job.skeleton), job.gen
+
     def fill(name: str, layer: MixedLayer, r: int, c: int, member: torch.Tensor) -> torch.Tensor:
-        jitter = torch.randn(member.shape, generator=gen) * (noise * float(member.std()))
+        jitter = torch.randn(member.shape, generator=gen) * (job.noise * float(member.std()))
         return member + jitter
 
     out = {**_common([state], skeleton, g, _head(skeleton)),
@@ -321,7 +403,24 @@ def _net2net(state: dict[str, torch.Tensor], skeleton: torch.nn.Module, g: int, 
     for name, layer in mixed_layers(skeleton).items():
         if layer.grid[1] > 1:  # inputs replicated g times: divide to keep the function
             out[f"{name}.weight"] = out[f"{name}.weight"] / layer.grid[1]
-    return out
+    return Result(out, mixed=False)
+
+
+def _data_driven(name: str) -> Callable[[Job], Result]:
+    def run(job: Job) -> Result:
+        from . import datagrowth
+        return datagrowth.grow(name, job, _plain(job.members[0]),
+                               _common([_plain(job.members[0])], job.skeleton, _g(job.skeleton),
+                                       _head(job.skeleton)))
+    run.__doc__ = f"{name}: see mgrow.datagrowth."
+    return run
+
+
+METHODS: dict[str, Callable[[Job], Result]] = {
+    "mixture": _mixture, "random": _random, "net2net": _net2net,
+    "gradmax": _data_driven("gradmax"), "firefly": _data_driven("firefly"),
+}
+DEFAULT_NOISE = {"net2net": 0.01, "firefly": 0.1}  # --noise when not given
 
 
 def fuse_files(a: str | Path, b: str | Path | None, output: str | Path, *, force: bool = False,

@@ -96,7 +96,7 @@ class Phase(_Strict):
 class Growth(_Strict):
     """What `fuse` did: grid, ownership, initialiser, method, seed."""
 
-    method: Literal["mixture", "random", "net2net"]
+    method: Literal["mixture", "random", "net2net", "gradmax", "firefly"]
     init: str | None
     factor: int
     members: int
