@@ -10,6 +10,10 @@ number comes with its ledger. Rows:
   large           the full-width net from scratch, E epochs (1.00X), plain
   large-match     the full-width net from scratch for the growth budget, plain
   random, net2net growth baselines from `small` alone, then finetune --budget
+  gradmax, firefly
+                  data-driven growth baselines from `small` alone: their growth step
+                  reads `growth_steps` batches and is charged to the budget, then
+                  finetune --budget
   mg-nofusion     MixtureGrowth without a sibling
   mg              MixtureGrowth: sibling trained for growth point p of E epochs, fuse
                   (orthogonal, vertical), finetune --budget
@@ -51,7 +55,8 @@ from mgrow.phases import DataSource, finetune, side_files, train_new
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, growth budget
-    "tiny": dict(arch="wrn-10-2", subset=300, epochs=1, batch=50, budget=0.45, point=0.8),
+    "tiny": dict(arch="wrn-10-2", subset=300, epochs=1, batch=50, budget=0.45, point=0.8,
+                 growth_steps=1),
     "cpu": dict(arch="wrn-10-2", subset=4000, epochs=8, batch=64, budget=0.45, point=0.8),
     # the cpu scale trained ~4x longer: closer to convergence, ~30 min a seed on 2 idle cores
     "cpu-long": dict(arch="wrn-10-2", subset=4000, epochs=30, batch=64, budget=0.45,
@@ -59,7 +64,8 @@ SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, 
     "gpu": dict(arch="wrn-28-10", subset=None, epochs=200, batch=128, budget=0.45, point=0.8),
 }
 MAIN = ("small", "small-plain", "small-match", "large", "large-match", "random", "net2net",
-        "mg-nofusion", "mg")
+        "gradmax", "firefly", "mg-nofusion", "mg")
+GROWTH_STEPS = 8  # batches of the gradmax/firefly growth step, unless a scale says otherwise
 ABLATIONS = ("mg-init-random", "mg-init-copy", "mg-init-zero", "mg-horizontal")
 POINTS = (0.0, 0.5, 1.0)
 LRS = (0.02, 0.05)  # post-growth peak lr sweep of `mg` (its default, 0.1, is `mg` itself)
@@ -160,6 +166,10 @@ class Runner:
             path = self.train("large-match", 1.0, self.s["budget"] * E, mixed=False)
         elif name in ("random", "net2net"):
             path, at_growth = self.grow(name, None, method=name)
+        elif name in ("gradmax", "firefly"):
+            path, at_growth = self.grow(name, None, method=name, source=self.source,
+                                        batch_size=self.s["batch"],
+                                        steps=self.s.get("growth_steps", GROWTH_STEPS))
         elif name == "mg-nofusion":
             path, at_growth = self.grow(name, None)
         else:

@@ -172,7 +172,8 @@ def export(bundle: Bundle, output: Output, force: Force = False):
 
 @app.command()
 def fuse(
-    a: Annotated[Path, typer.Argument(help="The trained network (member 0).", show_default=False)],
+    a: Annotated[Path, typer.Argument(help="The trained network (member 0), or a grown "
+                                      "bundle to grow again (alone).", show_default=False)],
     b: Annotated[Optional[Path], typer.Argument(
         help="Its sibling (member 1). Omit to grow from A alone (MixtureGrowth w/o fusion).",
         show_default=False)] = None,
@@ -189,7 +190,9 @@ def fuse(
         "zero (grown net = mean of the members).")] = Init.orthogonal,
     method: Annotated[Method, typer.Option(
         "--method", help="mixture (MixtureGrowth); baselines with plain outputs: random "
-        "(fresh plain weights for new tiles), net2net (function-preserving widening of A).")
+        "(fresh plain weights for new tiles), net2net (function-preserving widening of A), "
+        "gradmax (zero fan-out, fan-in from gradient SVD; reads data), firefly (best of "
+        "split and new candidates after a few steps; reads data).")
     ] = Method.mixture,
     noise: Annotated[Optional[float], typer.Option(
         "--noise", help="Relative noise on new tiles: copy (default 0), net2net (default "

@@ -61,8 +61,7 @@ def test_zero_init_stays_exact_through_two_growths(members, cifar_batch, tiling)
     assert torch.allclose(out, _logits(half, cifar_batch), rtol=1e-5, atol=1e-5)
     assert torch.allclose(out, mean, rtol=1e-5, atol=1e-5)
     # the previous grid is carried bit-equal: every tile of the half net's layers
-    before, after = mixed_layers(half.model()), mixed_layers(full.manifest and
-                                                             _model(full))
+    before, after = mixed_layers(half.model()), mixed_layers(_model(full))
     for name, layer in before.items():
         w = layer.weight().detach()
         assert torch.equal(after[name].weight().detach()[:w.shape[0], :w.shape[1]], w), name
@@ -89,11 +88,10 @@ def test_parameter_count_through_two_growths(members):
         assert grids["blocks.0.conv1"] == (g, g) and grids["fc"] == (1, g)
         assert counts["plain_equivalent"] == sum(
             p.numel() for p in build(ARCH.widened(g)).parameters())
-        norms = sum(v.numel() for k, v in tensors.items() if ".bn" in k or k.startswith("bn.")
-                    if k.endswith(("weight", "bias")))
-        assert counts["norms"] == norms == 2 * g * sum(
-            v.numel() for k, v in a.tensors.items() if (".bn" in k or k.startswith("bn."))
-            and k.endswith(("weight", "bias"))) // 2
+        def norms(t: dict) -> int:
+            return sum(v.numel() for k, v in t.items() if (".bn" in k or k.startswith("bn."))
+                       and k.endswith(("weight", "bias")))
+        assert counts["norms"] == norms(tensors) == g * norms(a.tensors)
     assert [p.stage for p in full.manifest.phases] == ["base", "growth"]  # the ledger goes on
     assert len(full.manifest.lineage.history) == len(half.manifest.lineage.history) + 1
 

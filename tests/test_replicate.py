@@ -53,6 +53,10 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path):
     assert runs["large-match"]["flops_norm"] == pytest.approx(scale["budget"], abs=step)
     assert runs["small-match"]["flops_norm"] == pytest.approx(scale["budget"], abs=step)
     assert runs["small"]["flops_norm"] < 0.5  # the half-width net costs about a quarter
+    for name in ("gradmax", "firefly"):  # their growth step is charged like any phase
+        step = [p for p in runs[name]["ledger"] if p["operation"] == "fuse"]
+        assert len(step) == 1 and step[0]["stage"] == "growth" and step[0]["train_flops"] > 0
+        assert name in step[0]["arch"]
     sibling = [p for p in runs["mg"]["ledger"] if p["operation"] == "train-sibling"]
     assert len(sibling) == 1 and sibling[0]["stage"] == "growth"
     assert not [p for p in runs["mg-nofusion"]["ledger"] if p["operation"] == "train-sibling"]

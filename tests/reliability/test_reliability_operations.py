@@ -66,7 +66,10 @@ FUSE_REFUSED = {
     "different-subsets": (("a.safetensors", "subset.safetensors"),
                           r"different data sets \(digits, 1437 training images vs digits, "
                           r"64 training images\)"),
-    "already-grown-a": (("grown.safetensors",), "grown.safetensors: already grown"),
+    "already-grown-a": (("grown.safetensors", "a.safetensors"),
+                        "grown.safetensors: already grown; grow a grown bundle alone"),
+    "regrow-other-tiling": (("grown.safetensors", "--tiling", "horizontal"),
+                            "grown with --tiling vertical; grow it again with the same"),
     "already-grown-b": (("a.safetensors", "grown.safetensors"), "already grown"),
     "factor-1": (("a.safetensors", "b.safetensors", "--factor", "1"),
                  r"--factor must be at least 2 \(got 1\)"),
