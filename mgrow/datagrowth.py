@@ -36,7 +36,8 @@ norm (growneuron grows such layers at random too), still with zero fan-out.
 
 Cost: every step is one forward and backward pass of the wide net on `batch_size`
 training images (Firefly: `steps` for each of its two candidate kinds); the ledger gets a
-growth-stage row `fuse` with 3 x forward FLOPs x those images, like any training phase.
+growth-stage row `fuse` with 3 x forward FLOPs x those images, like any training phase
+(finding the pairs costs one forward pass of 2 blank images, not counted).
 """
 
 from __future__ import annotations
