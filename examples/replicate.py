@@ -21,10 +21,16 @@ number comes with its ledger. Rows:
                   ablations of `mg` (same sibling); zero: the grown net starts as the
                   mean of the two members (function-preserving)
   mg-point-P      the growth-point sweep (sibling trained for P x E epochs)
-  mg-lr-X         `mg` finetuned with peak lr X instead of the default 0.1 (the sweep
-                  that justifies the post-growth default; its cost is reported per row)
+  mg-lr-X         `mg` finetuned with peak lr X instead of the rule's (the sweep that
+                  chooses the post-growth rule, down to the official code's 1e-3 and 1e-4;
+                  its cost is reported per row)
+  mg-converted    growth from a converted plain checkpoint: `small-plain` exported,
+                  `convert`ed (default spare templates) and grown alone
+  random-plain, net2net-plain   the baselines grown from the same plain checkpoint
+  mg-best         the best recipe measured (BEST below) under the same post-growth rule
 Growth rows spend the same budget B (growth FLOPs / one large run, from the ledger: the
-sibling plus the finetune) with one post-growth rule for all: `finetune`'s defaults.
+sibling plus the finetune) with one post-growth rule for all (the scale's `rule`: peak lr,
+BN handling; `finetune`'s defaults otherwise).
 Finished runs are not rerun (delete a bundle to redo it) and interrupted ones resume from
 their checkpoints; every seed of the main table runs before the ablations. Outputs in
 --out: results.json (every run: accuracies and ledger), results.md (mean +- std per
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -49,26 +56,40 @@ from mgrow.bundle import load, save_model
 from mgrow.engine import TrainConfig, evaluate
 from mgrow.flops import forward_flops, reference_flops
 from mgrow.growth import fuse_files
-from mgrow.manifest import ArchSpec, Lineage, Manifest
+from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec
 from mgrow.phases import DataSource, finetune, side_files, train_new
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+RULE = dict(lr=0.1, bn_correct=False, bn_recalibrate=0)  # the 0.1.0 post-growth rule
 SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, growth budget
-    "tiny": dict(arch="wrn-10-2", subset=300, epochs=1, batch=50, budget=0.45, point=0.8,
-                 growth_steps=1),
+    # tiny: the CI test's scale, laid out like cpu-v2 (pairs of blocks, BN per block)
+    "tiny": dict(arch="wrn-16-1", norm="block", subset=300, epochs=1, batch=50, budget=0.45,
+                 point=0.8, growth_steps=1, rule=dict(RULE, bn_correct=True,
+                                                          bn_recalibrate=2)),
     "cpu": dict(arch="wrn-10-2", subset=4000, epochs=8, batch=64, budget=0.45, point=0.8),
     # the cpu scale trained ~4x longer: closer to convergence, ~30 min a seed on 2 idle cores
     "cpu-long": dict(arch="wrn-10-2", subset=4000, epochs=30, batch=64, budget=0.45,
                      point=0.8),
     "gpu": dict(arch="wrn-28-10", subset=None, epochs=200, batch=128, budget=0.45, point=0.8),
+    # v2 (issue 11): banks shared by pairs (2 blocks a stage), BN per block as in the paper,
+    # every training image; sized by `--estimate` to under 2 hours a seed of the main table
+    # on 2 idle cores
+    "cpu-v2": dict(arch="wrn-16-2", norm="block", subset=None, epochs=5, batch=128,
+                   budget=0.45, point=0.8, rule=dict(RULE, bn_correct=True, bn_recalibrate=20)),
 }
 MAIN = ("small", "small-plain", "small-match", "large", "large-match", "random", "net2net",
-        "gradmax", "firefly", "mg-nofusion", "mg")
+        "gradmax", "firefly", "mg-nofusion", "mg", "mg-converted", "mg-best")
 GROWTH_STEPS = 8  # batches of the gradmax/firefly growth step, unless a scale says otherwise
-ABLATIONS = ("mg-init-random", "mg-init-copy", "mg-init-zero", "mg-horizontal")
+ABLATIONS = ("mg-init-random", "mg-init-copy", "mg-init-zero", "mg-horizontal",
+             "random-plain", "net2net-plain")
 POINTS = (0.0, 0.5, 1.0)
-LRS = (0.02, 0.05)  # post-growth peak lr sweep of `mg` (its default, 0.1, is `mg` itself)
+LRS = (0.02, 0.05, 1e-3, 1e-4)  # post-growth peak lr sweep of `mg` (the rule's lr is `mg`)
+# the candidate best recipe (fuse options): a function-preserving start (the members'
+# ensemble at growth: 39.7% vs 20.2% for orthogonal, BN corrected, in
+# examples/results/bn-growth-2026-11-28), level with orthogonal at cpu-long with the
+# smallest spread; the v2 run decides whether it wins
+BEST = dict(init="zero")
 
 
 class Runner:
@@ -79,8 +100,10 @@ class Runner:
         self.source = DataSource(data, subset=scale["subset"])
         self.progress = "quiet" if quiet else "bar"
         folder.mkdir(parents=True, exist_ok=True)
-        self.small_arch = ArchSpec(name=scale["arch"], width=0.5)
-        self.large_arch = ArchSpec(name=scale["arch"])
+        norm = scale.get("norm", "every")
+        self.small_arch = ArchSpec(name=scale["arch"], width=0.5, norm=norm)
+        self.large_arch = ArchSpec(name=scale["arch"], norm=norm)
+        self.rule = scale.get("rule", RULE)
 
     def cfg(self, epochs: float) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.s["batch"], seed=self.seed,
@@ -95,10 +118,9 @@ class Runner:
 
     def train(self, name: str, width: float, epochs: float, mixed: bool = True) -> Path:
         if not self.path(name).exists():
-            from mgrow.manifest import MixingSpec
             train_new(self.s["arch"], self.source, self.cfg(epochs), self.path(name),
                       mixing=MixingSpec() if mixed else None, width=width,
-                      **self.run_options(name))
+                      norm=self.s.get("norm", "every"), **self.run_options(name))
         return self.path(name)
 
     def sibling(self, point: float) -> Path:
@@ -119,20 +141,42 @@ class Runner:
         train_sibling(small.path, self.source, cfg, path, **self.run_options(name))
         return path
 
-    def grow(self, name: str, sibling: Path | None, lr: float = 0.1, **options
-             ) -> tuple[Path, float]:
-        """Fuse and finetune to the budget; return the final bundle and growth-point top-1."""
-        small = self.train("small", 0.5, self.s["epochs"])
+    def grow(self, name: str, sibling: Path | None, lr: float | None = None,
+             start: str = "small", **options) -> tuple[Path, float]:
+        """Fuse `start` (and `sibling`) and finetune to the budget under the post-growth
+        rule; return the final bundle and growth-point top-1 (BN as fused)."""
+        small = self.converted() if start == "converted" else self.train(
+            start, 0.5, self.s["epochs"], mixed=start == "small")
         grown = self.d / f"{name.partition('-lr-')[0]}.grown.safetensors"
         if not grown.exists():
-            fuse_files(small, sibling, grown, seed=self.seed, **options)
+            fuse_files(small, sibling, grown, seed=self.seed,
+                       bn_correct=self.rule["bn_correct"], **options)
         at_growth = self.eval(grown)
         if not self.path(name).exists():
-            cfg = self.cfg(1.0).model_copy(update={"lr": lr})
+            cfg = self.cfg(1.0).model_copy(update={"lr": lr or self.rule["lr"]})
             finetune(grown, self.source, cfg, self.path(name),
                      budget=self.s["budget"], reference_epochs=self.s["epochs"],
-                     **self.run_options(name))
+                     bn_recalibrate=self.rule["bn_recalibrate"], **self.run_options(name))
         return self.path(name), at_growth
+
+    def converted(self) -> Path:
+        """`small-plain` as a user's plain checkpoint: exported, then `convert`ed."""
+        path = self.path("small-converted")
+        if not path.exists():
+            from mgrow.bundle import export_plain, save
+            from mgrow.convert import convert_checkpoint
+            plain = load(self.train("small-plain", 0.5, self.s["epochs"], mixed=False))
+            exported = export_plain(plain.path, self.d / "small-plain.export.safetensors",
+                                    force=True)
+            a = plain.manifest.arch
+            convert_checkpoint(exported, a.name, path, num_classes=a.num_classes,
+                               width=a.width, norm=a.norm, in_channels=a.in_channels,
+                               input_size=a.input_size, seed=self.seed, force=True)
+            b = load(path)  # it was trained on the plain net's data: record it
+            save(path, b.manifest.model_copy(update={"data": plain.manifest.data,
+                                                     "phases": plain.manifest.phases}),
+                 b.tensors, force=True)
+        return path
 
     def eval(self, path: Path) -> float:
         """Top-1 on the test split: the trained bundle's own final accuracy from its ledger,
@@ -170,8 +214,13 @@ class Runner:
             path, at_growth = self.grow(name, None, method=name, source=self.source,
                                         batch_size=self.s["batch"],
                                         steps=self.s.get("growth_steps", GROWTH_STEPS))
+        elif name in ("random-plain", "net2net-plain"):
+            path, at_growth = self.grow(name, None, method=name.partition("-")[0],
+                                        start="small-plain")
         elif name == "mg-nofusion":
             path, at_growth = self.grow(name, None)
+        elif name == "mg-converted":
+            path, at_growth = self.grow(name, None, start="converted")
         else:
             point = float(name.rpartition("-")[2]) if name.startswith("mg-point-") \
                 else self.s["point"]
@@ -180,16 +229,71 @@ class Runner:
                 options = {"init": name.rpartition("-")[2]}
             if name.startswith("mg-lr-"):
                 options = {"lr": float(name.rpartition("-")[2])}
+            if name == "mg-best":
+                options = dict(BEST)
             path, at_growth = self.grow(name, self.sibling(point), **options)
         man = load(path).manifest
         ref = reference_flops(man.model_copy(update={"arch": self.large_arch}), E)
         charged = [p for p in man.phases if p.stage == "growth"] if at_growth is not None \
             else list(man.phases)
+        start = "small-plain" if name in ("mg-converted", "random-plain",
+                                          "net2net-plain") else "small"
         return {"row": name, "seed": self.seed, "top1": self.eval(path),
-                "top1_at_growth": at_growth, "start_top1": self.eval(self.path("small"))
-                if at_growth is not None else None,
+                "top1_at_growth": at_growth, "start_top1": self.eval(self.path(start))
+                if at_growth is not None else None, "commit": commit_of(path),
                 "flops_norm": sum(p.train_flops for p in charged) / ref,
                 "ledger": [p.model_dump() for p in man.phases]}
+
+
+def estimate(scale: dict, data: str, steps: int = 3) -> dict[str, float]:
+    """Return the estimated seconds of each main-table row of one seed at `scale`, from
+    training-step and evaluation times measured here on real batches (mean of `steps` steps
+    after one warm-up step)."""
+    import time
+
+    from mgrow.bundle import Bundle
+    from mgrow.data import batches, load_data
+    from mgrow.engine import param_groups
+    from mgrow.growth import fuse
+
+    d = load_data(data)
+    n = scale["subset"] or len(d.train_y)
+    x, y = next(batches(d, True, scale["batch"], 0, 0))
+    norm = scale.get("norm", "every")
+    small, large = (ArchSpec(name=scale["arch"], width=w, norm=norm) for w in (0.5, 1.0))
+    fresh = [Bundle(Manifest(arch=small, mixing=MixingSpec(), lineage=Lineage(operation="init")),
+                    build(small, MixingSpec(), seed=s).state_dict(), Path("x"), "") for s in (1, 2)]
+    grown = fuse(fresh)
+    nets = {"small": build(small, MixingSpec()), "small-plain": build(small),
+            "large": build(large), "grown": Bundle(grown.manifest, grown.tensors, Path("g"),
+                                                   "").model()}
+
+    def per_image(net: torch.nn.Module) -> float:
+        opt = torch.optim.SGD(param_groups(net, 5e-4), lr=0.01, momentum=0.9)
+        for k in range(steps + 1):
+            if k == 1:
+                t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - t0) / steps / len(y)
+
+    t = {k: per_image(v) for k, v in nets.items()}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        nets["large"].eval()(x)
+        test = (time.perf_counter() - t0) / len(y) * len(d.test_y)  # one full test pass
+    E, B, p = scale["epochs"], scale["budget"], scale["point"]
+    r = forward_flops(large) / forward_flops(small)
+    grow = B * E * n * t["grown"] + 2 * test
+    rows = {"small": E * n * t["small"], "small-plain": E * n * t["small-plain"],
+            "small-match": B * E * r * n * t["small"], "large": E * n * t["large"],
+            "large-match": B * E * n * t["large"], "random": grow, "net2net": grow,
+            "gradmax": grow, "firefly": grow, "mg-nofusion": grow, "mg-converted": grow,
+            "mg": p * E * n * t["small"] + (B * E - p * E / r) * n * t["grown"] + 2 * test}
+    rows["mg-best"] = rows["mg"]
+    return {k: v + test for k, v in rows.items()}
 
 
 def summarise(runs: list[dict], scale_name: str, scale: dict) -> str:
@@ -249,14 +353,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", choices=SCALES, default="cpu")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/replicate"))
-    p.add_argument("--data", default=f"npz:{CIFAR}")
+    p.add_argument("--data", default=f"npz:{os.path.relpath(CIFAR, ROOT)}",
+                   help="--data spec; a relative path is taken from the project root")
     p.add_argument("--rows", default="main", help="main; paper (main + ablations + post-"
                    "growth lr sweep); all (paper + growth points); or a comma-separated list")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report-only", action="store_true", help="train nothing: tabulate the "
                    "rows already finished in --out")
+    p.add_argument("--estimate", action="store_true", help="train nothing: time a few steps "
+                   "of each network here and print the hours one seed of the main table "
+                   "would take at --scale")
     a = p.parse_args(argv)
     scale = SCALES[a.scale]
+    if a.estimate:
+        secs = estimate(scale, load_spec(a.data))
+        for name, v in secs.items():
+            print(f"{name:14s} {v / 60:7.1f} min")
+        print(f"one seed of the main table: {sum(secs.values()) / 3600:.2f} h "
+              f"({torch.get_num_threads()} threads)")
+        return
     extra = ABLATIONS + tuple(f"mg-lr-{x:g}" for x in LRS)
     points = tuple(f"mg-point-{x:g}" for x in POINTS)
     stages = {"main": [MAIN], "paper": [MAIN, extra], "all": [MAIN, extra, points]}.get(
@@ -264,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for names in stages:  # every seed of the main table first, then the ablations
         for seed in range(a.seeds):
-            runner = Runner(a.out / f"seed{seed}", scale, seed, a.data, a.quiet)
+            runner = Runner(a.out / f"seed{seed}", scale, seed, load_spec(a.data), a.quiet)
             for name in names:
                 if a.report_only and not runner.path(name).exists():
                     continue
@@ -274,20 +389,53 @@ def main(argv: list[str] | None = None) -> None:
     print((a.out / "results.md").read_text())
 
 
+def current_commit() -> str:
+    """Return HEAD's short hash, + '-dirty' when mgrow/ or examples/ has uncommitted edits."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip()
+    dirty = git("status", "--porcelain", "--", "mgrow", "examples/replicate.py")
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+
+
+def commit_of(path: Path) -> str:
+    """Return the commit that made the bundle at `path`, noted beside it when first seen."""
+    note = path.with_name(path.name + ".commit")
+    if not note.exists():
+        note.write_text(current_commit())
+    return note.read_text().strip()
+
+
+def project_spec(spec: str) -> str:
+    """Return a --data spec with its path relative to the project (as results record it)."""
+    kind, sep, arg = spec.partition(":")
+    if sep and Path(arg).is_absolute():
+        return f"{kind}:{os.path.relpath(arg, ROOT)}"
+    return spec
+
+
+def load_spec(spec: str) -> str:
+    """Return a --data spec whose relative path is taken from the project root."""
+    kind, sep, arg = spec.partition(":")
+    if sep and not Path(arg).is_absolute():
+        return f"{kind}:{ROOT / arg}"
+    return spec
+
+
 def write_results(a: argparse.Namespace, scale: dict, runs: list[dict]) -> None:
     """Write results.json, results.md and (with matplotlib) the plot for `runs` so far."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
+    commit = current_commit()
     meta = {"date": datetime.date.today().isoformat(), "commit": commit,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                        f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
-            "scale": a.scale, **scale, "data": a.data, "seeds": a.seeds}
+            "scale": a.scale, **scale, "data": project_spec(a.data), "seeds": a.seeds}
     (a.out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     table = summarise(runs, a.scale, scale)
     header = (f"Scale `{a.scale}`: {scale['arch']} at width 0.5 -> 1.0, "
               f"{scale['subset'] or 'all'} training images, E = {scale['epochs']} epochs, "
               f"batch {scale['batch']}, growth budget {scale['budget']}X, growth point "
-              f"{scale['point']}; seeds: {sorted({r['seed'] for r in runs})}; the data's "
+              f"{scale['point']}, BN {scale.get('norm', 'every')}, post-growth rule "
+              f"{scale.get('rule', RULE)}; seeds: {sorted({r['seed'] for r in runs})}; the data's "
               f"whole test split. "
               f"{meta['date']}, commit {commit}, {meta['machine']}.")
     (a.out / "results.md").write_text(header + "\n\n" + table + "\n")

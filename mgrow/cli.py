@@ -35,6 +35,7 @@ Init = _choices("Init", "orthogonal", "random", "copy", "zero")
 Method = _choices("Method", "mixture", "random", "net2net", "gradmax", "firefly")
 Sharing = _choices("Sharing", "pairs", "none")
 Norm = _choices("Norm", "every", "block")
+Spare = _choices("Spare", "random", "permuted")
 
 
 Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.safetensors).")]
@@ -95,6 +96,10 @@ def convert(
                                         "template-mixed) bundle.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", help="Record the data set it was "
                                                 "trained on (spec as for train).")] = None,
+    spare: Annotated[Spare, typer.Option(
+        "--spare", help="What fills a bank's spare templates (the directions new tiles draw "
+        "on at growth): random (fresh random tensors) or permuted (the bank's trained "
+        "layers with shuffled channels).")] = Spare.random,
     seed: SeedOpt = 0,
     force: Force = False,
 ):
@@ -104,7 +109,7 @@ def convert(
         src, arch_name=arch, num_classes=num_classes, width=width, in_channels=in_channels,
         input_size=input_size, norm=norm.value, mixing=None if plain else _mixing(
             templates, sharing, edge_templates, freeze_edges),
-        data=data, seed=seed, output=output, force=force)
+        data=data, seed=seed, spare=spare.value, output=output, force=force)
     print(f"wrote {path} ({manifest.describe()})")
 
 
@@ -211,6 +216,10 @@ def fuse(
     data_dir: Annotated[Optional[str], typer.Option(
         "--data-dir", help="Root of torchvision data sets [default: $MGROW_DATA, else "
         "~/.cache/mgrow/data].", show_default=False)] = None,
+    bn_correct: Annotated[bool, typer.Option(
+        "--bn-correct/--no-bn-correct", help="Correct the carried BN running statistics for "
+        "what the new tiles add, without data (inputs distilled from the members' own BN "
+        "statistics; see README).")] = False,
     seed: SeedOpt = 0,
     force: Force = False,
 ):
@@ -225,7 +234,8 @@ def fuse(
     path, grown = fuse_files(a, b, output, factor=factor, tiling=tiling.value,
                              init=init.value, method=method.value, seed=seed, noise=noise,
                              source=DataSource(data, data_dir, False, subset),
-                             batch_size=batch_size, steps=growth_steps, force=force)
+                             batch_size=batch_size, steps=growth_steps,
+                             bn_correct=bn_correct, force=force)
     for note in grown.notes[:3]:
         print(f"note: {note}", file=sys.stderr)
     if len(grown.notes) > 3:
@@ -404,6 +414,10 @@ def finetune(
         "architecture; prints the epochs it computes.")] = None,
     reference_epochs: Annotated[float, typer.Option(
         "--reference-epochs", help="Epochs of the full from-scratch run (1.00X).")] = 200,
+    bn_recalibrate: Annotated[int, typer.Option(
+        "--bn-recalibrate", min=0, help="Before the first step, re-estimate the BN running "
+        "statistics on N training batches (forward only, no weight update; charged to the "
+        "ledger). Useful right after fuse.")] = 0,
     data: Data = None,
     lr: Lr = 0.1, batch_size: BatchSize = 128, warmup: Warmup = 1.0,
     weight_decay: WeightDecay = 5e-4, label_smoothing: Smoothing = 0.0, seed: SeedOpt = 0,
@@ -422,7 +436,8 @@ def finetune(
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
                amp, channels_last, compile_)
     outcome = run(bundle, _source(data, data_dir, download, subset), cfg, output,
-                  budget=budget, reference_epochs=reference_epochs, resume=resume,
+                  budget=budget, reference_epochs=reference_epochs,
+                  bn_recalibrate=bn_recalibrate, resume=resume,
                   progress=_progress(quiet, as_json), force=force)
     from .engine import is_main_process
     if budget is not None and not as_json and is_main_process():

@@ -108,8 +108,12 @@ def ledger(manifest: Manifest, reference_epochs: float = REFERENCE_EPOCHS) -> di
 
 
 def epochs_for_budget(manifest: Manifest, budget: float,
-                      reference_epochs: float = REFERENCE_EPOCHS) -> float:
+                      reference_epochs: float = REFERENCE_EPOCHS,
+                      train_size: int | None = None) -> float:
     """Return the epochs of training that bring the growth FLOPs to `budget` x reference.
+
+    The reference is the recorded training-set size; an epoch of the run being planned
+    has `train_size` images (default: the recorded size).
 
     Worked example: a grown net whose sibling spent 0.10X, with budget 0.45X and the
     paper's 200 reference epochs, gets (0.45 - 0.10) x 200 = 70 epochs.
@@ -123,7 +127,7 @@ def epochs_for_budget(manifest: Manifest, budget: float,
     if left <= 0:
         raise MgrowError(f"--budget {budget:g}X is already spent: growth so far used "
                          f"{spent / ref:.3f}X of a full run")
-    per_epoch = 3 * forward_flops(manifest.arch) * manifest.data.train_size
+    per_epoch = 3 * forward_flops(manifest.arch) * (train_size or manifest.data.train_size)
     return left / per_epoch
 
 

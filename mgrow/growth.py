@@ -191,10 +191,11 @@ def check_members(members: list[Bundle], factor: int, method: str) -> None:
 def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
          init: str = "orthogonal", method: str = "mixture", seed: int = 0,
          noise: float | None = None, source: object | None = None, batch_size: int = 64,
-         steps: int = 8) -> Grown:
+         steps: int = 8, bn_correct: bool = False) -> Grown:
     """Return the grown network (manifest and tensors) of one or two members.
 
-    `source` (a phases.DataSource), `batch_size` and `steps` feed the data-driven methods.
+    `source` (a phases.DataSource), `batch_size` and `steps` feed the data-driven methods;
+    `bn_correct` corrects the BN running statistics without data (mgrow.norms).
     """
     check_members(members, factor, method)
     if method == "mixture" and init not in INITS:
@@ -229,21 +230,37 @@ def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
     result = METHODS[method](job)
     mixing = mixing if result.mixed else None
     check_tensors(build(arch, mixing, meta=True), result.tensors, "grown network")  # invariant
+    if bn_correct:
+        result.tensors = _bn_corrected(arch, mixing, result.tensors, members,
+                                       torch.Generator().manual_seed(seed))
     growth = Growth(method=method, init=init if method == "mixture" else None, factor=g,
                     members=m, tiling=tiling, seed=seed, noise=noise,
-                    rank_notes=tuple(result.notes))
+                    rank_notes=tuple(result.notes), bn_correct=bn_correct)
     phases = list(first.phases)
     for b in members[1:]:
         phases += [p.model_copy(update={"stage": "growth"}) for p in b.manifest.phases]
     phases += [result.phase] if result.phase is not None else []
     data = next((b.manifest.data for b in members if b.manifest.data is not None), result.data)
     options = {"factor": g, "tiling": tiling, "init": init, "method": method, "seed": seed,
-               "noise": noise}
+               "noise": noise, "bn_correct": bn_correct}
     if result.phase is not None:
         options |= {"batch_size": batch_size, "growth_steps": steps}
     manifest = first.derived("fuse", options, tuple(b.parent() for b in members), arch=arch,
                              mixing=mixing, data=data, phases=tuple(phases), growth=growth)
     return Grown(manifest, result.tensors, result.notes)
+
+
+def _bn_corrected(arch: ArchSpec, mixing: MixingSpec | None, tensors: dict[str, torch.Tensor],
+                  members: list[Bundle], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Return `tensors` with the BN running statistics corrected (mgrow.norms, data-free)."""
+    from .norms import correct_norms
+    model = build(arch, mixing, meta=True).to_empty(device="cpu")
+    model.load_state_dict(tensors, strict=True)
+    correct_norms(model, [b.model() for b in members],
+                  (arch.in_channels, arch.input_size, arch.input_size), gen)
+    stats = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if k.endswith((".running_mean", ".running_var"))}
+    return {**tensors, **stats}
 
 
 def _plain(bundle: Bundle) -> dict[str, torch.Tensor]:

@@ -104,6 +104,7 @@ class Growth(_Strict):
     seed: int
     noise: float = 0.0
     rank_notes: tuple[str, ...] = ()  # where the initialiser could not reach full orthogonality
+    bn_correct: bool = False  # BN running statistics corrected without data (mgrow.norms)
 
 
 class Manifest(_Strict):

@@ -8,7 +8,9 @@ finetune of a grown net); `fuse` re-labels the sibling's phases as growth.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,18 +44,32 @@ class DataSource:
     subset: int | None = None
 
     def load(self, recorded: DatasetSpec | None = None) -> Data:
-        """Return the data: the given spec, else the one a bundle recorded (same subset)."""
+        """Return the data: the given spec, else the one a bundle recorded (same subset).
+
+        A bundle's recorded normalisation is part of its function: when `recorded` is given,
+        the returned data are normalised with the recorded mean and std, whatever spec or
+        subset was asked for (so `eval` with and without `--data` agree). Without --data and
+        --subset the training split is cut to the recorded training-set size.
+        """
         if self.spec is None and recorded is None:
             raise MgrowError("no data set: pass --data (the bundle does not record one)")
         spec = self.spec if self.spec is not None else recorded.spec
-        subset = self.subset
-        if subset is None and self.spec is None:
-            full = load_data(spec, self.data_dir, self.download)
-            if recorded.train_size < len(full.train_y):
-                subset = recorded.train_size
-            else:
-                return full
-        return load_data(spec, self.data_dir, self.download, subset)
+        if self.subset is None and self.spec is None:  # the recorded data: same training size
+            data = load_data(spec, self.data_dir, self.download)
+            if recorded.train_size < len(data.train_y):
+                data = load_data(spec, self.data_dir, self.download, recorded.train_size)
+        else:
+            data = load_data(spec, self.data_dir, self.download, self.subset)
+        return data if recorded is None else with_normalisation(data, recorded)
+
+
+def with_normalisation(data: Data, recorded: DatasetSpec) -> Data:
+    """Return `data` normalised with `recorded`'s mean and std (its own when channels differ;
+    check_fits then refuses the pair)."""
+    if len(recorded.mean) != data.spec.channels:
+        return data
+    spec = data.spec.model_copy(update={"mean": recorded.mean, "std": recorded.std})
+    return dataclasses.replace(data, spec=spec)
 
 
 def check_fits(arch: ArchSpec, data: Data) -> None:
@@ -90,7 +106,8 @@ def run_phase(manifest: Manifest, model: nn.Module, data: Data, cfg: TrainConfig
                   images=result.images, forward_flops=fwd, train_flops=3 * fwd * result.images,
                   wall_s=round(result.wall_s, 3), device=result.device,
                   accuracy=result.accuracy)
-    manifest = manifest.with_phase(phase).model_copy(update={"data": data.spec})
+    # a bundle keeps the data it recorded first: its normalisation and the ledger's reference
+    manifest = manifest.with_phase(phase).model_copy(update={"data": manifest.data or data.spec})
     if is_main_process():  # under torchrun rank 0 alone writes the bundle
         save_model(output, manifest, model, force)
         ckpt.unlink(missing_ok=True)
@@ -144,20 +161,48 @@ def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
 
 
 def finetune(path: Path, source: DataSource, cfg: TrainConfig, output: Path, *,
-             budget: float | None = None, reference_epochs: float = 200, **run) -> Outcome:
-    """Continue training a bundle (stage growth once grown); a `budget` replaces cfg.epochs."""
+             budget: float | None = None, reference_epochs: float = 200,
+             bn_recalibrate: int = 0, **run) -> Outcome:
+    """Continue training a bundle (stage growth once grown); a `budget` replaces cfg.epochs.
+
+    `bn_recalibrate` N > 0: first re-estimate the BN statistics on N training batches
+    (mgrow.norms.recalibrate; a ledger row of N batches' forward FLOPs, counted in budgets).
+    """
     bundle = load(path)
     check_writable(output, run.get("force", False))
+    if bn_recalibrate < 0:
+        raise MgrowError(f"--bn-recalibrate must be at least 0, not {bn_recalibrate}")
     data = source.load(bundle.manifest.data)
-    man = bundle.manifest.model_copy(update={"data": data.spec})
-    if budget is not None:
-        cfg = cfg.model_copy(update={"epochs": epochs_for_budget(man, budget, reference_epochs)})
-    model = bundle.model()
+    man = bundle.manifest
+    if man.data is None:  # e.g. converted without --data: the first data trained on
+        man = man.model_copy(update={"data": data.spec})
     stage = "growth" if man.growth is not None else "base"
+    model = bundle.model()
+    if bn_recalibrate:
+        man = man.with_phase(_recalibrate(man, model, data, cfg, bn_recalibrate, stage))
+    if budget is not None:
+        cfg = cfg.model_copy(update={"epochs": epochs_for_budget(
+            man, budget, reference_epochs, train_size=len(data.train_y))})
     options = {"seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
-               "batch_size": cfg.batch_size, "budget": budget}
+               "batch_size": cfg.batch_size, "budget": budget, "data": data.spec.spec,
+               "train_size": len(data.train_y), "bn_recalibrate": bn_recalibrate}
     manifest = man.derived("finetune", options, (bundle.parent(),))
     return run_phase(manifest, model, data, cfg, output, "finetune", stage, **run)
+
+
+def _recalibrate(man: Manifest, model: nn.Module, data: Data, cfg: TrainConfig, n: int,
+                 stage: str) -> Phase:
+    """Recalibrate the model's BN statistics in place; return the ledger row it costs
+    (forward FLOPs only: no backward pass)."""
+    from .engine import device_name, resolve_device
+    from .norms import recalibrate
+    dev = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    images = recalibrate(model, data, n, cfg.batch_size, cfg.seed, dev)
+    fwd = forward_flops(man.arch)
+    return Phase(operation="bn-recalibrate", arch=man.describe(), stage=stage, images=images,
+                 forward_flops=fwd, train_flops=fwd * images,
+                 wall_s=round(time.perf_counter() - t0, 3), device=device_name(dev))
 
 
 def evaluate_bundle(path: Path, source: DataSource, device: str = "auto",

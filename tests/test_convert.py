@@ -139,3 +139,30 @@ def test_pickle_that_executes_code_is_refused(tmp_path):
                 tmp_path / "out.safetensors", cwd=tmp_path)
     assert r.returncode == 2 and "refused" in r.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("spare", ["permuted", "random"])
+def test_spare_templates_hold_what_new_tiles_draw(spare):
+    """One layer per bank, t = 2: the one direction orthogonal to the layer's coefficients
+    (what an orthogonal init at growth draws) generates the spare tensor: with `permuted`
+    the trained weight with shuffled channels (same entries), with `random` fresh entries at
+    the weight's norm."""
+    arch = ArchSpec(name="wrn-10-1")
+    mixing = MixingSpec(sharing="none")
+    state = randomize_norms(build(arch, seed=7), 7).state_dict()
+    mixed = build(arch, mixing)
+    mixed.load_state_dict(convert_state(state, arch, mixing, spare=spare))
+    for name, layer in mixed_layers(mixed).items():
+        if layer.role != "inner":
+            continue
+        a = layer.alpha.detach().flatten().double()  # (2,)
+        c = torch.stack([-a[1], a[0]])  # the orthogonal direction
+        made = torch.einsum("k,k...->...", c, layer.bank[0].detach().double())
+        w = state[f"{name}.weight"].double()
+        assert made.norm() == pytest.approx(float(w.norm()), rel=1e-5)
+        same = torch.allclose(made.flatten().abs().sort().values,
+                              w.flatten().abs().sort().values, atol=1e-6)
+        assert same == (spare == "permuted"), name
+        assert not torch.allclose(made.abs(), w.abs(), atol=1e-6)  # not the layer itself
+    with pytest.raises(MgrowError, match="--spare"):
+        convert_state(state, arch, mixing, spare="nosuch")

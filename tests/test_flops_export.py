@@ -117,6 +117,8 @@ def test_cli_choices_match_the_library():
     assert [e.value for e in cli.Tiling] == list(get_args(MixingSpec.model_fields["tiling"].annotation))
     assert [e.value for e in cli.Sharing] == list(get_args(MixingSpec.model_fields["sharing"].annotation))
     assert [e.value for e in cli.Norm] == list(get_args(ArchSpec.model_fields["norm"].annotation))
+    from mgrow.convert import SPARES
+    assert [e.value for e in cli.Spare] == list(SPARES)
 
 
 def test_usage_errors_are_one_line():

@@ -42,13 +42,21 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path):
     assert set(runs) == set(expected)
     scale = rep.SCALES["tiny"]
     step = scale["batch"] / scale["subset"] / scale["epochs"]  # one large-net step, normalised
+    assert not result["meta"]["data"].partition(":")[2].startswith("/")  # project-relative
+    plain_start = ("mg-converted", "random-plain", "net2net-plain")
     for name, r in runs.items():
         assert 0 <= r["top1"] <= 1 and r["ledger"], name
+        assert r["commit"] and r["commit"] in (result["meta"]["commit"],
+                                               result["meta"]["commit"] + "-dirty")
         if r["top1_at_growth"] is not None:  # growth rows: the same budget, from the ledger
             assert abs(r["flops_norm"] - scale["budget"]) <= step + 1e-9, (name, r["flops_norm"])
-            assert r["start_top1"] == runs["small"]["top1"]
+            start = "small-plain" if name in plain_start else "small"
+            assert r["start_top1"] == runs[start]["top1"], name
             stages = [p["stage"] for p in r["ledger"]]
             assert stages[0] == "base" and stages[-1] == "growth"
+            # one post-growth rule for every growth row: BN recalibrated, then finetuned
+            ops = [p["operation"] for p in r["ledger"] if p["stage"] == "growth"]
+            assert ops[-2:] == ["bn-recalibrate", "finetune"], (name, ops)
     assert runs["large"]["flops_norm"] == pytest.approx(1.0, abs=step)
     assert runs["large-match"]["flops_norm"] == pytest.approx(scale["budget"], abs=step)
     assert runs["small-match"]["flops_norm"] == pytest.approx(scale["budget"], abs=step)
@@ -60,5 +68,8 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path):
     sibling = [p for p in runs["mg"]["ledger"] if p["operation"] == "train-sibling"]
     assert len(sibling) == 1 and sibling[0]["stage"] == "growth"
     assert not [p for p in runs["mg-nofusion"]["ledger"] if p["operation"] == "train-sibling"]
+    # the converted checkpoint's own training is its base; growing it costs the budget
+    base = [p for p in runs["mg-converted"]["ledger"] if p["stage"] == "base"]
+    assert base == [p for p in runs["small-plain"]["ledger"]]
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in expected)

@@ -1,0 +1,66 @@
+"""A bundle's recorded normalisation and training-set size are what every later command uses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mgrow.bundle import load
+from mgrow.engine import TrainConfig
+from mgrow.flops import ledger, reference_flops
+from mgrow.growth import fuse_files
+from mgrow.phases import DataSource, evaluate_bundle, finetune, train_new, train_sibling
+
+from conftest import run_cli
+
+CFG = TrainConfig(epochs=1, batch_size=50, device="cpu", eval_every_epoch=False)
+
+
+@pytest.fixture(scope="module")
+def subset_bundle(tmp_path_factory):
+    """A wrn-10-1 trained one epoch on 200 of the 1,437 digits training images."""
+    path = tmp_path_factory.mktemp("norm") / "sub.safetensors"
+    train_new("wrn-10-1", DataSource("digits", subset=200), CFG, path, progress="quiet")
+    return path
+
+
+def test_eval_with_and_without_data_agree(subset_bundle):
+    """--data names the same set but not the subset: the recorded mean/std still apply."""
+    recorded = load(subset_bundle).manifest.data
+    full = DataSource("digits").load()
+    assert full.spec.mean != recorded.mean  # the whole split's statistics differ ...
+    own = evaluate_bundle(subset_bundle, DataSource())
+    given = evaluate_bundle(subset_bundle, DataSource("digits"))
+    assert given["loss"] == own["loss"] and given["top1"] == own["top1"]  # ... yet no effect
+    cli = run_cli("eval", subset_bundle, "--data", "digits", "--json", "--device", "cpu")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["loss"] == pytest.approx(own["loss"], rel=1e-6)
+
+
+def test_finetune_on_other_size_keeps_the_recorded_data(subset_bundle, tmp_path):
+    """Finetuning on all 1,437 images keeps the recorded 200 (the ledger's reference) and
+    normalisation; the lineage says what was used, the phase row what it cost."""
+    before = load(subset_bundle).manifest
+    out = tmp_path / "ft.safetensors"
+    finetune(subset_bundle, DataSource("digits"), CFG, out, progress="quiet")
+    man = load(out).manifest
+    assert man.data == before.data
+    assert man.lineage.options["train_size"] == 1437
+    assert man.phases[-1].images == 1437 // 50 * 50
+    assert ledger(man, 10)["reference_flops"] == ledger(before, 10)["reference_flops"]
+
+
+def test_budget_counts_the_images_actually_used(subset_bundle, tmp_path):
+    """A grown net finetuned to a budget on a larger set than recorded stops at the budget."""
+    sib = tmp_path / "sib.safetensors"
+    train_sibling(subset_bundle, DataSource(), CFG, sib, progress="quiet")
+    grown = tmp_path / "grown.safetensors"
+    fuse_files(subset_bundle, sib, grown)
+    out = tmp_path / "ft.safetensors"
+    finetune(grown, DataSource("digits"), CFG, out, budget=0.3, reference_epochs=10,
+             progress="quiet")
+    spent = sum(p.train_flops for p in load(out).manifest.phases if p.stage == "growth")
+    ref = reference_flops(load(grown).manifest, 10)  # 10 epochs of the recorded 200 images
+    step = 50 / 200 / 10  # one step of 50 images, normalised
+    assert spent / ref == pytest.approx(0.3, abs=step)
