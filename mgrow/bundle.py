@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import re
 import struct
@@ -107,11 +106,15 @@ def _conform_one(k: str, v: torch.Tensor, where: object) -> torch.Tensor:
     if bad is not None:
         raise MgrowError(f"{where}: tensor {k} is {bad}; mgrow reads float32 weights (and "
                          "float16, bfloat16, float8 or exact float64, converted)")
-    v = v.to("cpu")
     if v.dtype == torch.float32:
         return v
+    if v.dtype in WIDENING:
+        return v.float()
+    if v.dtype != torch.float64:
+        raise MgrowError(f"{where}: tensor {k} is {str(v.dtype).removeprefix('torch.')}, "
+                         "which float32 cannot hold exactly")
     f = v.float()
-    if v.dtype == torch.float64 and not bool(((f.double() == v) | v.isnan()).all()):
+    if not bool(((f.double() == v) | v.isnan()).all()):
         raise MgrowError(f"{where}: tensor {k} is float64 with values float32 cannot hold "
                          "exactly; convert the checkpoint to float32 first if the rounding "
                          "is acceptable")

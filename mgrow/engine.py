@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from . import MgrowError
-from .bundle import check_tensors, conform, read_bytes, write_atomic
+from .bundle import check_tensors, read_bytes, write_atomic
 from .data import Data, batches, steps_per_epoch
 from .mixing import MixedConv2d
 
@@ -510,7 +510,7 @@ def _load_checkpoint(path: Path | None, model: nn.Module, opt: torch.optim.Optim
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise MgrowError(f"{path}: not an mgrow training checkpoint")
     _check_same_run(path, ck, cfg, data)
-    check_tensors(model, conform(ck["model"], path), path)
+    check_tensors(model, ck["model"], path)
     names = [g["param_names"] for g in ck["optimizer"]["param_groups"]]
     if names != [g["param_names"] for g in opt.param_groups]:
         raise MgrowError(f"{path}: optimizer state is for other parameters than this model's")
