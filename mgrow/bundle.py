@@ -261,6 +261,7 @@ def check_writable(path: str | os.PathLike, force: bool, reserve: int = SIDE_SUF
     if not folder.is_dir():
         raise MgrowError(f"{folder}: no such folder for the output")
     check_name_length(p, reserve)
+    check_unlocked(p)  # refuse a second writer before any work, not after it
     try:  # os.access is True for root even where no file can be made (/proc, /sys)
         fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
         os.close(fd)
@@ -306,11 +307,9 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
+            busy = _busy(path, fd)
             os.close(fd)
-            raise MgrowError(f"{path}: another mgrow process{f' (pid {holder})' if holder else ''}"
-                             f" is writing it; wait for it to finish or choose another "
-                             f"output") from None
+            raise busy from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -328,6 +327,30 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock)  # while still holding it (see the loop above)
         os.close(fd)
+
+
+def _busy(path: str | os.PathLike, fd: int) -> MgrowError:
+    """Return the error for an output whose lock (open as `fd`) another process holds."""
+    holder = os.read(fd, 32).decode(errors="replace").strip()
+    return MgrowError(f"{path}: another mgrow process{f' (pid {holder})' if holder else ''} "
+                      "is writing it; wait for it to finish or choose another output")
+
+
+def check_unlocked(path: str | os.PathLike) -> None:
+    """Raise MgrowError if another process holds the writer lock of `path` (a probe: takes
+    nothing and creates nothing)."""
+    if holds_lock(path):
+        return
+    try:
+        fd = os.open(lock_file(path), os.O_RDONLY)
+    except OSError:  # no lock file: nobody is writing
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise _busy(path, fd) from None
+    finally:
+        os.close(fd)  # also releases the probe's lock
 
 
 def holds_lock(path: str | os.PathLike) -> bool:
