@@ -1,19 +1,21 @@
 """Limits on what mgrow accepts: value ranges, JSON shape, memory and work, file-name length.
 
-One place for every bound, so the command line (typer `min=`/`max=` and `finite`), the
-manifest schema (pydantic `Field` constraints) and the library agree, and a refusal is one
-line that names the option or field.
+One place for every bound, so the command line (typer `min=`/`max=` and the cli's
+`_number` callbacks), the manifest schema (pydantic `Field` constraints) and the library
+agree, and a refusal is one line that names the option or field.
 
-Memory: before a network is built, `check_model` builds it on the meta device (shapes only,
-nothing allocated), counts its parameters and buffers and runs one meta forward pass to size
-the activations; it refuses what would not fit the memory available to this process
-(`available_memory`: /proc/meminfo's MemAvailable, capped by a cgroup limit) and says how
-much it would need. `mgrow.arch.build` calls it on every build, so every command that makes a
-network goes through it; training and evaluation call it again with their batch size.
+Memory: before a network is built, `mgrow.arch.build` builds it on the meta device
+(shapes only, nothing allocated) and `estimate` counts its parameters, buffers and
+generated weights and runs one meta forward pass to size the activations; `check_memory`
+refuses what would not fit the memory available to this process (`available_memory`:
+/proc/meminfo's MemAvailable, capped by a cgroup limit; on CUDA the device's free
+memory) and says how much it would need. Every command that makes a network goes through
+`build`; training and evaluation check again at their batch size (phases.check_fits).
 
-Worked example: wrn-16-1 (plain, 10 classes, 32 x 32 inputs) has 175,994 parameters and
-buffers (0.7 MB); a training step at batch 128 holds about 0.33 GB of activations, so
-`estimate(...).train_bytes` is about 0.7 GB.
+Worked example: a plain wrn-16-1 (10 classes) has 176,007 parameters and buffers
+(704,080 bytes); one training step on a batch of 128 32 x 32 images has 140.5 MB of
+layer outputs, so `estimate(model, (128, 3, 32, 32), True).need(True)` is 283.1 MB
+(state, gradients and momentum, outputs and their gradients).
 """
 
 from __future__ import annotations
