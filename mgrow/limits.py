@@ -127,8 +127,22 @@ def human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
+def memory_cap() -> int | None:
+    """Return the bytes $MGROW_MEMORY_LIMIT allows (a number with an optional k, M, G or T
+    suffix, powers of 1000), None when unset; raise MgrowError when it does not parse."""
+    text = os.environ.get("MGROW_MEMORY_LIMIT", "").strip()
+    if not text:
+        return None
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)\s*([kMGT]?)B?", text)
+    if m is None:
+        raise MgrowError(f"MGROW_MEMORY_LIMIT={text[:40]!r}: expected bytes such as 4G or "
+                         "512M")
+    return int(float(m.group(1)) * 1000 ** " kMGT".index(m.group(2) or " "))
+
+
 def available_memory() -> int:
-    """Return the bytes this process may still allocate: MemAvailable, within a cgroup limit."""
+    """Return the bytes this process may still allocate: MemAvailable, within a cgroup limit
+    (and $MGROW_MEMORY_LIMIT, see memory_cap)."""
     avail = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -148,7 +162,8 @@ def available_memory() -> int:
             avail = min(avail, int(limit) - used)
     except (OSError, ValueError):
         pass
-    return max(avail, 0)
+    cap = memory_cap()
+    return max(avail if cap is None else min(avail, cap), 0)
 
 
 @dataclass(frozen=True)
@@ -223,7 +238,8 @@ def check_memory(need: int, what: str, device: torch.device | None = None) -> No
         import torch
         have, where = torch.cuda.mem_get_info(device)[0], f"{device} has"
     else:
-        have, where = available_memory(), "this machine has"
+        have = available_memory()
+        where = "this machine has" if memory_cap() != have else "MGROW_MEMORY_LIMIT allows"
     if need > have:
         raise MgrowError(f"{what} needs about {human(need)} of memory; {where} "
                          f"{human(have)} available")

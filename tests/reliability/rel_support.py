@@ -46,8 +46,8 @@ def mgrow_exec(*args: object, cwd: Path, timeout: float = 120) -> Run:
     return Fresh(args, cwd).finish(timeout)
 
 
-def mgrow(*args: object, cwd: Path, timeout: float = 120, memory_headroom: int | None = None
-          ) -> Run:
+def mgrow(*args: object, cwd: Path, timeout: float = 120, memory_headroom: int | None = None,
+          env: dict[str, str] | None = None) -> Run:
     """Run the CLI entry point (`python -m mgrow ARGS`) in a child process, quickly.
 
     The child is forked from a server that has already imported torch and mgrow (and run
@@ -57,8 +57,9 @@ def mgrow(*args: object, cwd: Path, timeout: float = 120, memory_headroom: int |
 
     memory_headroom: cap the child's address space (RLIMIT_AS) at what it has mapped plus
     this many bytes, as `ulimit -v` would, so a large allocation fails for real.
+    env: environment variables set in the child only.
     """
-    return Forked(args, cwd, memory_headroom).finish(timeout)
+    return Forked(args, cwd, memory_headroom, env).finish(timeout)
 
 
 class Fresh:
@@ -86,7 +87,8 @@ class Fresh:
 class Forked:
     """The CLI entry point run in a child forked from the preloaded server (see mgrow)."""
 
-    def __init__(self, args, cwd: Path, memory_headroom: int | None = None):
+    def __init__(self, args, cwd: Path, memory_headroom: int | None = None,
+                 env: dict[str, str] | None = None):
         ctx = _forkserver()
         self.logs = tempfile.TemporaryDirectory(prefix="mgrow-run-")
         self.out, self.err = Path(self.logs.name, "out"), Path(self.logs.name, "err")
@@ -95,7 +97,7 @@ class Forked:
         try:
             self.p = ctx.Process(target=_child, args=([str(a) for a in args], str(cwd),
                                                       str(self.out), str(self.err),
-                                                      memory_headroom))
+                                                      memory_headroom, env))
             self.p.start()
         finally:
             for k, v in saved.items():
@@ -121,9 +123,10 @@ class Forked:
 
 
 def _child(args: list[str], cwd: str, out: str, err: str,
-           memory_headroom: int | None = None) -> None:
+           memory_headroom: int | None = None, env: dict[str, str] | None = None) -> None:
     """In a forked child: run `mgrow/__main__.py` as `python -m mgrow` would, then exit."""
     os.chdir(cwd)
+    os.environ.update(env or {})
     if memory_headroom is not None:
         import resource
         mapped = int(re.search(r"VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text())

@@ -20,7 +20,9 @@ import torch
 from rel_support import (TRAIN, assert_one_line_error, assert_refused, digits_arch, mgrow,
                          watch, with_tensors, write_bundle)
 
-MEMORY = r"needs about [0-9.]+ [kMGTP]?B of memory; this machine has [0-9.]+ [kMGTP]?B available"
+MEMORY = (r"needs about [0-9.]+ [kMGTP]?B of memory; (this machine has|MGROW_MEMORY_LIMIT "
+          r"allows) [0-9.]+ [kMGTP]?B available")
+CAP = {"MGROW_MEMORY_LIMIT": "4G"}  # the same refusals on any machine of up to 4 GB and more
 OUT = ("-o", "out.safetensors")
 DIGITS = TRAIN[2:]  # the digits data options without --arch
 
@@ -29,8 +31,8 @@ DIGITS = TRAIN[2:]  # the digits data options without --arch
 def inputs(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("fit")
     write_bundle(folder / "good.safetensors")
-    # the digits net declared for 4096 x 4096 inputs (valid, and its tensors are the same)
-    write_bundle(folder / "big-input.safetensors", arch=digits_arch(input_size=4096))
+    # the digits net declared for 2048 x 2048 inputs (valid, and its tensors are the same)
+    write_bundle(folder / "big-input.safetensors", arch=digits_arch(input_size=2048))
     # a slim VGG for 32 x 32 grey images: five 2 x 2 poolings, so 8 x 8 digits are too small
     write_bundle(folder / "vgg32.safetensors", arch=digits_arch(name="vgg11_bn",
                                                                 width=0.0625, input_size=32))
@@ -51,7 +53,7 @@ TOO_BIG = {
                  r"widening factor K must lie in 1\.\.1024"),
     "convert-input-4096": (("convert", "plain.pt", "--arch", "wrn-16-8", "--input-size",
                             "4096", *OUT), "wrn-16-8 x1 (plain|mixed) " + MEMORY),
-    "fuse-16-at-4096": (("fuse", "big-input.safetensors", "--factor", "16", *OUT),
+    "fuse-16-at-2048": (("fuse", "big-input.safetensors", "--factor", "16", *OUT),
                         "wrn-10-1 x16 mixed " + MEMORY),
 }
 
@@ -79,7 +81,20 @@ def test_refused_before_allocating_or_training(inputs, tmp_path, name):
     args, match = {**TOO_BIG, **MISFITS}[name]
     args = [inputs / a if (inputs / a).is_file() else a for a in args]
     before = watch(inputs, tmp_path)
-    assert_refused(mgrow(*args, cwd=tmp_path, timeout=60), before, match)
+    assert_refused(mgrow(*args, cwd=tmp_path, timeout=60, env=CAP), before, match)
+
+
+@pytest.mark.parametrize("cap,match", [("1M", r"training wrn-10-1 x1 at batch 16 on 8 x 8 "
+                                               r"inputs needs about .* MGROW_MEMORY_LIMIT "
+                                               r"allows 1.0 MB available"),
+                                       ("lots", "MGROW_MEMORY_LIMIT='lots': expected bytes")])
+def test_memory_cap_of_the_environment(inputs, tmp_path, cap, match):
+    """$MGROW_MEMORY_LIMIT caps what mgrow may use (a shared machine): a tiny cap refuses
+    even the digits net, naming the cap; a cap that does not parse is refused."""
+    before = watch(inputs, tmp_path)
+    run = mgrow("train", "--arch", "wrn-10-1", *DIGITS, *OUT, cwd=tmp_path,
+                env={"MGROW_MEMORY_LIMIT": cap})
+    assert_refused(run, before, match)
 
 
 def test_the_need_is_stated_in_proportion(inputs, tmp_path):
