@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 from enum import Enum
@@ -11,16 +12,42 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from . import MgrowError, __version__
+from . import limits as L
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
                   help="Grow a trained network into a wider one (MixtureGrowth). Every file "
                        "mgrow reads or writes is a safetensors bundle with a manifest.")
-out = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: no wrapping
+class _Console(Console):
+    """rich's Console, leaving a broken pipe to main() (rich would exit 1 silently)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
+# pipes and logs: no wrapping; a closed stdout (None) prints nothing
+out = _Console(width=None if sys.stdout is not None and sys.stdout.isatty() else 160)
+
+
+def _number(low: float, high: float, positive: bool = False):
+    """Return a typer callback refusing values outside [low, high] ((low, high] when
+    `positive`), NaN and infinities in one line naming the option."""
+    def check(param: typer.CallbackParam, value: Optional[float]) -> Optional[float]:
+        if value is None:
+            return value
+        opt = max(param.opts, key=len)
+        if not math.isfinite(value) or value < low or (positive and value <= low):
+            kind = "a positive number" if positive else f"a finite number >= {low:g}"
+            raise MgrowError(f"{opt} must be {kind}, not {value:g}")
+        if value > high:
+            raise MgrowError(f"{opt} must be at most {high:g}, not {value:g}")
+        return value
+    return check
 
 
 def _choices(name: str, *values: str) -> type[Enum]:
@@ -42,12 +69,22 @@ Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.
 Force = Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")]
 Bundle = Annotated[Path, typer.Argument(help="An mgrow bundle (.safetensors).", show_default=False)]
 Templates = Annotated[int, typer.Option(
-    "--templates", min=1, help="Templates per layer: a bank shared by L layers holds L x T. "
+    "--templates", min=1, max=L.MAX_TEMPLATES,
+    help="Templates per layer: a bank shared by L layers holds L x T. "
     "The default 2 makes a grown 2x net hold as many parameters as the plain wide net.")]
 SharingOpt = Annotated[Sharing, typer.Option(
     "--sharing", help="pairs: a bank serves up to two consecutive same-shape layers (the "
     "paper's scheme); none: one bank per layer.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (initialisation, data order).")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=L.MAX_SEED,
+                                       help="Random seed (initialisation, data order).")]
+Width = Annotated[float, typer.Option("--width", callback=_number(0, L.MAX_WIDTH, True),
+                                      help="Channel multiplier (0.5: the half-width net "
+                                      "that grows into width 1).")]
+InputSize = Annotated[int, typer.Option("--input-size", min=8, max=L.MAX_INPUT_SIZE,
+                                        help="Input side in pixels (for FLOPs).")]
+RefEpochs = Annotated[float, typer.Option(
+    "--reference-epochs", callback=_number(0, L.MAX_REFERENCE_EPOCHS, True),
+    help="Epochs of one full from-scratch run (the 1.00X).")]
 
 
 def _version(value: bool) -> None:
@@ -78,16 +115,18 @@ def convert(
     arch: Annotated[str, typer.Option("--arch", help="Registry name: wrn-D-K, resnet18, "
                                       "resnet34, resnet50, vgg11_bn.", show_default=False)],
     output: Output,
-    num_classes: Annotated[int, typer.Option("--num-classes", min=1, help="Classes.")] = 10,
-    width: Annotated[float, typer.Option("--width", help="Channel multiplier.")] = 1.0,
-    in_channels: Annotated[int, typer.Option("--in-channels", help="Input channels.")] = 3,
-    input_size: Annotated[int, typer.Option("--input-size", help="Input side in pixels "
-                                            "(for FLOPs).")] = 32,
+    num_classes: Annotated[int, typer.Option("--num-classes", min=1, max=L.MAX_CLASSES,
+                                             help="Classes.")] = 10,
+    width: Width = 1.0,
+    in_channels: Annotated[int, typer.Option("--in-channels", min=1, max=L.MAX_CHANNELS,
+                                             help="Input channels.")] = 3,
+    input_size: InputSize = 32,
     norm: Annotated[Norm, typer.Option("--norm", help="WRN only: BN before every conv, or "
                                        "only before each block.")] = Norm.every,
     templates: Templates = 2,
     sharing: SharingOpt = Sharing.pairs,
     edge_templates: Annotated[int, typer.Option("--edge-templates", min=1,
+                                                max=L.MAX_TEMPLATES,
                                                 help="Templates of stem and classifier.")] = 1,
     freeze_edges: Annotated[bool, typer.Option(
         "--freeze-edges/--train-edges", help="Freeze stem/classifier coefficients "
@@ -118,15 +157,12 @@ def flops(
     bundle: Bundle,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     input_size: Annotated[Optional[int], typer.Option(
-        "--input-size", help="Count at this input side instead of the manifest's.")] = None,
-    reference_epochs: Annotated[float, typer.Option(
-        "--reference-epochs", help="Epochs of one full from-scratch run (the 1.00X).")] = 200,
+        "--input-size", min=8, max=L.MAX_INPUT_SIZE,
+        help="Count at this input side instead of the manifest's.")] = None,
+    reference_epochs: RefEpochs = 200,
 ):
     """Forward FLOPs (fvcore) per layer, parameter counts and the training-FLOPs ledger."""
     from .flops import report as flops_report
-    if input_size is not None and input_size < 8:
-        raise MgrowError(f"--input-size must be at least 8, not {input_size}")
-    _positive("--reference-epochs", reference_epochs)
     report = flops_report(bundle, input_size, reference_epochs)
     if as_json:
         print(json.dumps(report, indent=1))
@@ -183,7 +219,8 @@ def fuse(
         help="Its sibling (member 1). Omit to grow from A alone (MixtureGrowth w/o fusion).",
         show_default=False)] = None,
     output: Output = None,
-    factor: Annotated[int, typer.Option("--factor", help="Growth factor g: every layer g "
+    factor: Annotated[int, typer.Option("--factor", min=2, max=L.MAX_FACTOR,
+                                        help="Growth factor g: every layer g "
                                         "times wider. With m members and g > m, tile row/"
                                         "column j draws on member j mod m.")] = 2,
     tiling: Annotated[Tiling, typer.Option(
@@ -200,18 +237,22 @@ def fuse(
         "split and new candidates after a few steps; reads data).")
     ] = Method.mixture,
     noise: Annotated[Optional[float], typer.Option(
-        "--noise", help="Relative noise on new tiles: copy (default 0), net2net (default "
+        "--noise", callback=_number(0, L.MAX_NOISE),
+        help="Relative noise on new tiles: copy (default 0), net2net (default "
         "0.01); firefly: perturbation of split copies' fan-in (default 0.1).")] = None,
     data: Annotated[Optional[str], typer.Option(
         "--data", help="gradmax/firefly: the data their growth step reads (spec as for "
         "train) [default: A's own].", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", min=1, help="gradmax/firefly: images per growth step.")] = 64,
+        "--batch-size", min=1, max=L.MAX_BATCH,
+        help="gradmax/firefly: images per growth step.")] = 64,
     growth_steps: Annotated[int, typer.Option(
-        "--growth-steps", min=1, help="gradmax: batches of gradient statistics; firefly: "
+        "--growth-steps", min=1, max=1_000_000,
+        help="gradmax: batches of gradient statistics; firefly: "
         "optimiser steps per candidate kind. Charged to the ledger as a growth phase.")] = 8,
     subset: Annotated[Optional[int], typer.Option(
-        "--subset", min=1, help="gradmax/firefly: draw batches from the first N training "
+        "--subset", min=1, max=L.MAX_IMAGES,
+        help="gradmax/firefly: draw batches from the first N training "
         "images, class-balanced.")] = None,
     data_dir: Annotated[Optional[str], typer.Option(
         "--data-dir", help="Root of torchvision data sets [default: $MGROW_DATA, else "
@@ -258,19 +299,25 @@ DataDir = Annotated[Optional[str], typer.Option(
 Download = Annotated[bool, typer.Option("--download", help="Let torchvision fetch the data "
                                         "set (needs a network).")]
 Subset = Annotated[Optional[int], typer.Option(
-    "--subset", min=1, help="Train on the first N training images, class-balanced.")]
+    "--subset", min=1, max=L.MAX_IMAGES,
+    help="Train on the first N training images, class-balanced.")]
 Epochs = Annotated[Optional[float], typer.Option(
-    "--epochs", help="Epochs to train; fractional values train that share of an epoch's "
+    "--epochs", callback=_number(0, L.MAX_EPOCHS, True),
+    help="Epochs to train; fractional values train that share of an epoch's "
     "steps.")]
-Lr = Annotated[float, typer.Option("--lr", help="Peak learning rate (linear warm-up, then "
+Lr = Annotated[float, typer.Option("--lr", callback=_number(0, L.MAX_LR, True),
+                                   help="Peak learning rate (linear warm-up, then "
                                    "cosine to 0).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Global batch size.")]
-Warmup = Annotated[float, typer.Option("--warmup", min=0, help="Warm-up epochs (at most "
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=L.MAX_BATCH,
+                                        help="Global batch size.")]
+Warmup = Annotated[float, typer.Option("--warmup", min=0, callback=_number(0, L.MAX_EPOCHS),
+                                       help="Warm-up epochs (at most "
                                        "10% of the run).")]
-WeightDecay = Annotated[float, typer.Option("--weight-decay", min=0, help="On templates and "
-                                            "plain weights; never on coefficients, norms, "
-                                            "biases.")]
+WeightDecay = Annotated[float, typer.Option(
+    "--weight-decay", min=0, callback=_number(0, L.MAX_WEIGHT_DECAY),
+    help="On templates and plain weights; never on coefficients, norms, biases.")]
 Smoothing = Annotated[float, typer.Option("--label-smoothing", min=0, max=0.99,
+                                          callback=_number(0, 0.99),
                                           help="Label smoothing of the cross-entropy.")]
 Device = Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu, cuda, "
                                      "cuda:N.")]
@@ -279,7 +326,8 @@ ChannelsLast = Annotated[Optional[bool], typer.Option(
     "--channels-last/--no-channels-last", help="Memory format [default: on for conv nets].",
     show_default=False)]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
-Workers = Annotated[int, typer.Option("--workers", min=0, help="Accepted for timm "
+Workers = Annotated[int, typer.Option("--workers", min=0, max=L.MAX_WORKERS,
+                                      help="Accepted for timm "
                                       "compatibility; data is held in memory and batched "
                                       "in-process, so no loader workers are used.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose "
@@ -344,8 +392,7 @@ def train(
     epochs: Epochs = 10,
     mixed: Annotated[bool, typer.Option("--mixed/--plain", help="Template-mixed (growable) "
                                         "or plain network.")] = True,
-    width: Annotated[float, typer.Option("--width", help="Channel multiplier (0.5: the "
-                                         "half-width net that grows into width 1).")] = 1.0,
+    width: Width = 1.0,
     norm: Annotated[Norm, typer.Option("--norm", help="WRN only: BN before every conv, or "
                                        "only before each block.")] = Norm.every,
     templates: Templates = 2,
@@ -378,7 +425,8 @@ def train_sibling(
         "--output", "-o", help="Bundle to write [default: SMALL-sibling.safetensors, "
         "numbered, never overwriting].", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(
-        "--seed", help="Seed of the fresh templates and data order [default: SMALL's + 1].",
+        "--seed", min=0, max=L.MAX_SEED,
+        help="Seed of the fresh templates and data order [default: SMALL's + 1].",
         show_default=False)] = None,
     data: Data = None,
     lr: Lr = 0.1, batch_size: BatchSize = 128, warmup: Warmup = 1.0,
@@ -409,13 +457,14 @@ def finetune(
     output: Output,
     epochs: Epochs = None,
     budget: Annotated[Optional[float], typer.Option(
-        "--budget", help="Instead of --epochs: train until the growth FLOPs (the ledger's "
+        "--budget", callback=_number(0, L.MAX_BUDGET, True),
+        help="Instead of --epochs: train until the growth FLOPs (the ledger's "
         "growth stage: sibling + this run) reach X times one full from-scratch run of this "
         "architecture; prints the epochs it computes.")] = None,
-    reference_epochs: Annotated[float, typer.Option(
-        "--reference-epochs", help="Epochs of the full from-scratch run (1.00X).")] = 200,
+    reference_epochs: RefEpochs = 200,
     bn_recalibrate: Annotated[int, typer.Option(
-        "--bn-recalibrate", min=0, help="Before the first step, re-estimate the BN running "
+        "--bn-recalibrate", min=0, max=1_000_000,
+        help="Before the first step, re-estimate the BN running "
         "statistics on N training batches (forward only, no weight update; charged to the "
         "ledger). Useful right after fuse.")] = 0,
     data: Data = None,
@@ -466,35 +515,94 @@ def evaluate(
 
 
 def main() -> None:
-    """Run the CLI; user errors print one line on stderr and exit 2 (with --debug: raise)."""
+    """Run the CLI; user errors print one line on stderr and exit 2 (with --debug: raise).
+
+    Anything unforeseen also ends in one line (exit 1) naming the command and the
+    exception, pointing to --debug for the traceback. A closed stdout prints nothing; one
+    closed by its reader (broken pipe) ends in one line and exit 141, as SIGPIPE would.
+    """
+    _reopen_closed_fds()
+    try:
+        code = _run()
+        _flush_stdout()
+    except BrokenPipeError:
+        code = _broken_pipe()
+    sys.exit(code)
+
+
+def _run() -> int:
+    """Return the exit status of the command line, after printing any error in one line."""
     try:
         code = app(standalone_mode=False, prog_name="mgrow")
-        sys.exit(code if isinstance(code, int) else 0)
+        return code if isinstance(code, int) else 0
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        return e.exit_code
+    except BrokenPipeError:
+        raise
     except typer.TyperException as e:  # usage errors: one line naming the command's --help
         ctx = getattr(e, "ctx", None)
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `mgrow`: the help, not an error
             print(e.format_message())
-            sys.exit(0)
+            return 0
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        print(f"mgrow: error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        return _error(f"{' '.join(e.format_message().split())}{hint}", e.exit_code)
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a training loop
-        print("mgrow: error: interrupted; nothing was written", file=sys.stderr)
-        sys.exit(130)
+        return _error("interrupted; nothing was written", 130)
     except MgrowError as e:
         if "--debug" in sys.argv:
             raise
         if type(e).__name__ == "Interrupted":  # engine.Interrupted: stopped by a signal
             _ignore_signals()
-        print(f"mgrow: error: {e}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_code", 2))
+        return _error(str(e), getattr(e, "exit_code", 2))
     except OSError as e:
         if "--debug" in sys.argv:
             raise
-        print(f"mgrow: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return _error(str(e), 2)
+    except ValidationError as e:  # a value the schema refuses that no earlier check caught
+        if "--debug" in sys.argv:
+            raise
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or e.title
+        return _error(f"invalid {loc}: {err['msg']} (got {err.get('input')!r:.60})", 2)
+    except Exception as e:  # the last resort: one line, never a traceback
+        if "--debug" in sys.argv:
+            raise
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "mgrow")
+        what = " ".join(str(e).split())[:200]
+        return _error(f"{command} failed unexpectedly: {type(e).__name__}"
+                      f"{': ' + what if what else ''} (run again with --debug for the "
+                      "traceback)", 1)
+
+
+def _error(message: str, code: int) -> int:
+    """Print `mgrow: error: MESSAGE` on stderr and return `code`."""
+    print(f"mgrow: error: {message}", file=sys.stderr)
+    return code
+
+
+def _reopen_closed_fds() -> None:
+    """Put /dev/null on a closed stdin, stdout or stderr, so that no file mgrow opens takes
+    their descriptor (and C libraries writing to fd 1 or 2 write nowhere)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # takes the lowest free descriptor: this one
+    if sys.stderr is None:  # else print(file=sys.stderr) would write to stdout
+        sys.stderr = open(2, "w", closefd=False)
+
+
+def _flush_stdout() -> None:
+    """Flush stdout now, so a broken pipe is reported here rather than at interpreter exit."""
+    if sys.stdout is not None:
+        sys.stdout.flush()
+
+
+def _broken_pipe() -> int:
+    """Return 141 after one line, once the reader of stdout went away (see main)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush finds no pipe
+    return _error("stdout was closed by its reader (broken pipe)", 141)
 
 
 def _ignore_signals() -> None:

@@ -33,9 +33,12 @@ from torch import nn
 
 from . import MgrowError
 from .arch import build
-from .bundle import check_finite, check_tensors, header, load_tensors, read_bytes
+from .bundle import check_tensors, conform, header, load_tensors, read_bytes
 from .manifest import ArchSpec, Lineage, Manifest, MixingSpec, Parent
 from .mixing import mixed_layers, random_orthogonal
+
+
+CHUNK_BYTES = 64 << 20  # float64 working set of convert_state per slice
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -44,7 +47,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     data = read_bytes(p)
     if p.suffix == ".safetensors":
         header(data, p)
-        return load_tensors(data, p)
+        return conform(load_tensors(data, p), p)
     import io
     import pickle
     import warnings
@@ -66,8 +69,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
                          "'state_dict' or 'model')")
     if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
         obj = {k[len("module."):]: v for k, v in obj.items()}
-    check_finite(obj, p)
-    return obj
+    return conform(obj, p)
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -97,7 +99,7 @@ def _spare(ws: list[torch.Tensor], j: int, kind: str, gen: torch.Generator) -> t
         rows = torch.randperm(w.shape[0], generator=gen)
         cols = torch.randperm(w.shape[1], generator=gen)
         return w[rows][:, cols]
-    scale = torch.stack([x.norm() for x in ws]).mean()
+    scale = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64) for x in ws]).mean()
     r = torch.randn(w.shape, dtype=torch.float64, generator=gen)
     return r * (scale / r.norm().clamp_min(1e-30))
 
@@ -105,20 +107,22 @@ def _spare(ws: list[torch.Tensor], j: int, kind: str, gen: torch.Generator) -> t
 def convert_state(state: dict[str, torch.Tensor], arch: ArchSpec, mixing: MixingSpec,
                   seed: int = 0, src: object = "checkpoint", spare: str = "random"
                   ) -> dict[str, torch.Tensor]:
-    """Return the template-mixed tensors (same function) of a plain state_dict."""
+    """Return the template-mixed tensors (same function) of a plain state_dict.
+
+    Memory: the result, the spare tensors and float64 slices of about CHUNK_BYTES; never
+    a float64 copy of a whole group (a vgg11_bn classifier bank is 0.8 GB in float32).
+    """
     if mixing.factor != 1 or mixing.members != 1:
         raise MgrowError("convert makes an ungrown network: factor and members must be 1")
     if spare not in SPARES:
         raise MgrowError(f"unknown --spare {spare!r}: expected one of {', '.join(SPARES)}")
-    plain = build(arch)
+    plain = build(arch, meta=True)
     _check_classes(plain, state, src)
     check_tensors(plain, state, src)
-    mixed = build(arch, mixing)
+    mixed = build(arch, mixing, meta=True)  # shapes only: every tensor is computed below
     layers = mixed_layers(mixed)
-    out = {k: v.clone() for k, v in mixed.state_dict().items()}
-    for k, v in state.items():
-        if k in out:
-            out[k] = v.detach().clone().to(out[k].dtype)
+    out = {k: state[k].detach().to(v.dtype, copy=True) for k, v in mixed.state_dict().items()
+           if k in state}
     groups: dict[int, list[str]] = {}
     for name, layer in layers.items():
         groups.setdefault(layer.bank_index, []).append(name)
@@ -128,17 +132,18 @@ def convert_state(state: dict[str, torch.Tensor], arch: ArchSpec, mixing: Mixing
         t = bank.shape[1]
         if t < len(names):
             raise MgrowError(f"{t} templates cannot represent {len(names)} layers exactly")
-        ws = [state[f"{name}.weight"].double() for name in names]
-        x = torch.stack(ws + [_spare(ws, j, spare, gen) for j in range(t - len(ws))])
+        ws = [state[f"{name}.weight"] for name in names]
+        spares = [_spare(ws, j, spare, gen) for j in range(t - len(ws))]
         q = torch.eye(1, dtype=torch.float64) if t == 1 else random_orthogonal(t, gen)
-        templates = torch.einsum("jk,j...->k...", q, x)  # (t, o, i, *k) = Q^T X
-        out[f"banks.{n}"] = templates.unsqueeze(0).float()  # (m=1, t, o, i, *k)
+        rows = max(1, CHUNK_BYTES // max(1, 8 * t * ws[0][0].numel()))
+        templates = torch.empty(1, t, *ws[0].shape)  # (m=1, t, o, i, *k) float32
+        for lo in range(0, ws[0].shape[0], rows):  # output channels, a slice at a time
+            x = torch.stack([w[lo:lo + rows].double() for w in ws + spares])  # (t, rows, ...)
+            templates[0, :, lo:lo + rows] = torch.einsum("jk,j...->k...", q, x)  # Q^T X
+        out[f"banks.{n}"] = templates
         for row, name in enumerate(names):
             out[f"{name}.alpha"] = q[row].float().view(1, 1, t)  # (g_out, g_in, t)
-        for name in names:
-            out.pop(f"{name}.weight", None)
     return out
-
 
 
 def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -441,8 +442,57 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
                 "optimizer": opt.state_dict(), "step": step, "epoch": step // per_epoch,
                 "images": images, "wall_s": wall_s, "train_loss": train_loss,
                 "epoch_loss": list(epoch_loss), "rng": torch.get_rng_state(),
-                "batch_size": cfg.batch_size, "train_size": len(data.train_y)}, buf)
+                "batch_size": cfg.batch_size, "train_size": len(data.train_y),
+                "run": run_record(cfg, data)}, buf)
     write_atomic(path, buf.getvalue(), force=True)
+
+
+# What a resumed run must share with the run it continues: option -> TrainConfig field.
+RESUME_OPTIONS = {"--epochs": "epochs", "--lr": "lr", "--seed": "seed",
+                  "--batch-size": "batch_size", "--warmup": "warmup_epochs",
+                  "--weight-decay": "weight_decay", "--label-smoothing": "label_smoothing",
+                  "momentum": "momentum", "nesterov": "nesterov"}
+
+
+def data_identity(data: Data) -> str:
+    """Return a hash of the training data as used: its recorded spec (sizes, classes, pixel
+    mean and std) and every training label, in order."""
+    spec = data.spec.model_dump(exclude={"spec"})  # the same images under another path match
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    h.update(data.train_y.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_record(cfg: TrainConfig, data: Data) -> dict[str, Any]:
+    """Return what a run was started with, as its checkpoint records it for --resume."""
+    return {**{opt: getattr(cfg, field) for opt, field in RESUME_OPTIONS.items()},
+            "--data": data_identity(data)}
+
+
+def _check_same_run(path: Path, ck: dict, cfg: TrainConfig, data: Data) -> None:
+    """Raise MgrowError naming every option in which this run differs from the checkpoint's.
+
+    A checkpoint written before the record existed (mgrow 0.1.0) is checked on the batch
+    size and the training-set size only, as it was then."""
+    if (ck["batch_size"], ck["train_size"]) != (cfg.batch_size, len(data.train_y)):
+        raise MgrowError(f"{path}: saved with batch size {ck['batch_size']} on "
+                         f"{ck['train_size']} training images; this run has {cfg.batch_size} "
+                         f"on {len(data.train_y)} (resume needs the same)")
+    saved = ck.get("run")
+    if not isinstance(saved, dict):
+        return
+    now = run_record(cfg, data)
+    diff = [f"{k} {_shown(now[k])} (checkpoint: {_shown(saved.get(k))})"
+            if k != "--data" else f"--data: other training images or labels (data hash "
+            f"{now[k]}, checkpoint: {saved.get(k)})" for k in now if saved.get(k) != now[k]]
+    if diff:
+        raise MgrowError(f"{path}: this run differs from the one it would resume: "
+                         f"{'; '.join(diff)}; resume with the same options and data, or "
+                         "delete the checkpoint to start over")
+
+
+def _shown(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _load_checkpoint(path: Path | None, model: nn.Module, opt: torch.optim.Optimizer,
@@ -459,10 +509,7 @@ def _load_checkpoint(path: Path | None, model: nn.Module, opt: torch.optim.Optim
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
         raise MgrowError(f"{path}: not an mgrow training checkpoint")
-    if (ck["batch_size"], ck["train_size"]) != (cfg.batch_size, len(data.train_y)):
-        raise MgrowError(f"{path}: saved with batch size {ck['batch_size']} on "
-                         f"{ck['train_size']} training images; this run has {cfg.batch_size} "
-                         f"on {len(data.train_y)} (resume needs the same)")
+    _check_same_run(path, ck, cfg, data)
     check_tensors(model, ck["model"], path)
     names = [g["param_names"] for g in ck["optimizer"]["param_groups"]]
     if names != [g["param_names"] for g in opt.param_groups]:
@@ -489,7 +536,7 @@ def _trim_metrics(path: Path, step: int) -> None:
         try:
             if json.loads(line)["step"] > step:
                 break
-        except (ValueError, KeyError, TypeError):  # a torn last line from a killed writer
+        except (ValueError, KeyError, TypeError, RecursionError):  # a torn or foreign line
             break
         keep.append(line)
     if len(keep) < len(lines):

@@ -7,25 +7,30 @@ it was trained on, `lineage` how it was made and `phases` what its training cost
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+                      field_validator, model_validator)
+
+from . import limits as L
 
 FORMAT_VERSION = 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are refused everywhere; strings have bounded lengths
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False,
+                              str_max_length=4096)
 
 
 class ArchSpec(_Strict):
     """Which network: a registry name plus the knobs every family understands."""
 
-    name: str  # registry name: wrn-D-K, resnet18/34/50, vgg11_bn
-    width: float = Field(1.0, gt=0)  # multiplies every channel count, stem included
-    num_classes: int = Field(10, ge=1)
-    in_channels: int = Field(3, ge=1)
-    input_size: int = Field(32, ge=8)
+    name: str = Field(max_length=64)  # registry name: wrn-D-K, resnet18/34/50, vgg11_bn
+    width: float = Field(1.0, gt=0, le=L.MAX_WIDTH)  # multiplies every channel count
+    num_classes: int = Field(10, ge=1, le=L.MAX_CLASSES)
+    in_channels: int = Field(3, ge=1, le=L.MAX_CHANNELS)
+    input_size: int = Field(32, ge=8, le=L.MAX_INPUT_SIZE)
     norm: Literal["every", "block"] = "every"  # WRN only: BN before every conv or per block
 
     def widened(self, factor: int) -> ArchSpec:
@@ -36,12 +41,12 @@ class ArchSpec(_Strict):
 class MixingSpec(_Strict):
     """How a template-mixed network generates its weights (see mgrow.mixing)."""
 
-    templates: int = Field(2, ge=1)  # templates per layer: a bank of L layers holds L*templates
+    templates: int = Field(2, ge=1, le=L.MAX_TEMPLATES)  # a bank of L layers holds L*templates
     sharing: Literal["pairs", "none"] = "pairs"  # banks shared by <= 2 consecutive same-shape layers
-    edge_templates: int = Field(1, ge=1)  # templates of the stem and classifier banks
+    edge_templates: int = Field(1, ge=1, le=L.MAX_TEMPLATES)  # of the stem and classifier
     freeze_edges: bool = True  # stem/classifier coefficients not trainable (the paper's default)
-    factor: int = Field(1, ge=1)  # g: every inner layer is a g x g grid of member-size tiles
-    members: int = Field(1, ge=1)  # m: how many members' template banks the network holds
+    factor: int = Field(1, ge=1, le=L.MAX_FACTOR)  # g: inner layers are g x g grids of tiles
+    members: int = Field(1, ge=1, le=L.MAX_FACTOR)  # m: how many members' banks it holds
     tiling: Literal["vertical", "horizontal"] = "vertical"  # which tiles share a member's bank
 
     @field_validator("members")
@@ -57,52 +62,84 @@ class DatasetSpec(_Strict):
     """The data a bundle was trained on: enough to find it again and normalise it."""
 
     spec: str  # as given to --data: cifar10, digits, npz:PATH, imagefolder:PATH ...
-    num_classes: int = Field(ge=1)
-    channels: int = Field(ge=1)
-    input_size: int = Field(ge=1)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    train_size: int = Field(ge=0)  # images in the training split actually used (after --subset)
+    num_classes: int = Field(ge=1, le=L.MAX_CLASSES)
+    channels: int = Field(ge=1, le=L.MAX_CHANNELS)
+    input_size: int = Field(ge=1, le=L.MAX_INPUT_SIZE)
+    mean: tuple[Annotated[float, Field(ge=0, le=1)], ...]
+    std: tuple[Annotated[float, Field(gt=0, le=1)], ...]
+    train_size: int = Field(ge=0, le=L.MAX_IMAGES)  # training images used (after --subset)
+
+    @model_validator(mode="after")
+    def _one_per_channel(self) -> DatasetSpec:
+        if not len(self.mean) == len(self.std) == self.channels:
+            raise ValueError(f"mean and std need one value per channel ({self.channels}), "
+                             f"not {len(self.mean)} and {len(self.std)}")
+        return self
+
+
+# Lineage options that later commands compute with (train-sibling derives its seed from
+# the small net's): each has a type and a range; other options are recorded as they are.
+_OPTIONS = {k: TypeAdapter(Annotated[t, f]) for k, t, f in (
+    ("seed", int, Field(ge=0, le=L.MAX_SEED)),
+    ("epochs", float, Field(gt=0, le=L.MAX_EPOCHS, allow_inf_nan=False)),
+    ("lr", float, Field(gt=0, le=L.MAX_LR, allow_inf_nan=False)),
+    ("batch_size", int, Field(ge=1, le=L.MAX_BATCH)),
+    ("budget", float, Field(gt=0, le=L.MAX_BUDGET, allow_inf_nan=False)),
+    ("factor", int, Field(ge=1, le=L.MAX_FACTOR)),
+    ("noise", float, Field(ge=0, le=L.MAX_NOISE, allow_inf_nan=False)),
+)}
 
 
 class Parent(_Strict):
-    sha256: str
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
     path: str
 
 
 class Lineage(_Strict):
     """How this bundle was made: the operation, its options and the parents' hashes."""
 
-    operation: str  # init | convert | train | train-sibling | fuse | finetune
+    operation: str = Field(max_length=64)  # init | convert | train | fuse | finetune ...
     options: dict[str, Any] = {}
-    parents: tuple[Parent, ...] = ()
-    history: tuple[dict[str, Any], ...] = ()  # earlier lineages, oldest first
+    parents: tuple[Parent, ...] = Field((), max_length=16)
+    history: tuple[dict[str, Any], ...] = Field((), max_length=10_000)  # oldest first
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Options that later commands compute with (seed, epochs ...) must be in range."""
+        for key, value in options.items():
+            if key in _OPTIONS and value is not None:
+                try:
+                    _OPTIONS[key].validate_python(value, strict=isinstance(value, bool))
+                except ValidationError as e:
+                    raise ValueError(f"{key}: {e.errors()[0]['msg']}") from None
+        return options
 
 
 class Phase(_Strict):
     """One row of the training-FLOPs ledger."""
 
-    operation: str
-    arch: str  # human-readable description of the trained network
+    operation: str = Field(max_length=64)
+    arch: str = Field(max_length=256)  # human-readable description of the trained network
     stage: Literal["base", "growth"]  # base: the user's starting net; growth: spent to grow it
-    images: int = Field(ge=0)
-    forward_flops: int = Field(ge=0)  # per image, fvcore, eval mode
-    train_flops: int = Field(ge=0)  # 3 x forward x images
-    wall_s: float = Field(ge=0)
-    device: str
-    accuracy: float | None = None
+    images: int = Field(ge=0, le=L.MAX_IMAGES)
+    forward_flops: int = Field(ge=0, le=L.MAX_FLOPS)  # per image, fvcore, eval mode
+    train_flops: int = Field(ge=0, le=3 * L.MAX_FLOPS * L.MAX_IMAGES)  # 3 x forward x images
+    wall_s: float = Field(ge=0, le=L.MAX_SECONDS)
+    device: str = Field(max_length=256)
+    accuracy: float | None = Field(None, ge=0, le=1)
 
 
 class Growth(_Strict):
     """What `fuse` did: grid, ownership, initialiser, method, seed."""
 
     method: Literal["mixture", "random", "net2net", "gradmax", "firefly"]
-    init: str | None
-    factor: int
-    members: int
-    tiling: str
-    seed: int
-    noise: float = 0.0
+    init: str | None = Field(max_length=64)
+    factor: int = Field(ge=2, le=L.MAX_FACTOR)
+    members: int = Field(ge=1, le=L.MAX_FACTOR)
+    tiling: str = Field(max_length=64)
+    seed: int = Field(ge=0, le=L.MAX_SEED)
+    noise: float = Field(0.0, ge=0, le=L.MAX_NOISE)
     rank_notes: tuple[str, ...] = ()  # where the initialiser could not reach full orthogonality
     bn_correct: bool = False  # BN running statistics corrected without data (mgrow.norms)
 
@@ -113,7 +150,7 @@ class Manifest(_Strict):
     mixing: MixingSpec | None = None  # None: a plain network
     data: DatasetSpec | None = None
     lineage: Lineage
-    phases: tuple[Phase, ...] = ()
+    phases: tuple[Phase, ...] = Field((), max_length=100_000)
     growth: Growth | None = None
 
     @field_validator("format_version")

@@ -8,8 +8,11 @@ finetune of a grown net); `fuse` re-labels the sibling's phases as growth.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +21,12 @@ from torch import nn
 
 from . import MgrowError
 from .arch import build, check_name
-from .bundle import check_writable, load, save_model
+from .bundle import check_writable, load, save_model, writer_lock
 from .data import Data, load_data
 from .engine import (Progress, TrainConfig, TrainResult, barrier, evaluate, is_main_process,
-                     train)
+                     resolve_device, train)
 from .flops import epochs_for_budget, forward_flops
+from .limits import check_memory, estimate
 from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Phase
 
 
@@ -72,8 +76,13 @@ def with_normalisation(data: Data, recorded: DatasetSpec) -> Data:
     return dataclasses.replace(data, spec=spec)
 
 
-def check_fits(arch: ArchSpec, data: Data) -> None:
-    """Raise MgrowError unless the network's classes and input channels fit the data."""
+def check_fits(arch: ArchSpec, data: Data, mixing: MixingSpec | None = None,
+               batch_size: int | None = None, train: bool = False,
+               device: str = "auto") -> None:
+    """Raise MgrowError unless the network fits the data and this machine, before any step:
+    classes, input channels, and (given a batch size) one meta pass of a batch of the
+    data's images in train or eval mode, which refuses inputs too small for the network's
+    downsampling, batches BatchNorm cannot normalise, and runs that would not fit memory."""
     d = data.spec
     if arch.num_classes != d.num_classes:
         raise MgrowError(f"the network has {arch.num_classes} classes, {d.spec} has "
@@ -81,6 +90,20 @@ def check_fits(arch: ArchSpec, data: Data) -> None:
     if arch.in_channels != d.channels:
         raise MgrowError(f"the network takes {arch.in_channels} input channels, {d.spec} has "
                          f"{d.channels}")
+    if batch_size is None:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_rank = max(1, batch_size // world)
+    if not train:
+        per_rank = min(per_rank, len(data.test_y))
+    shape = (per_rank, d.channels, d.input_size, d.input_size)
+    try:
+        need = estimate(build(arch, mixing, meta=True), shape, train).need(train)
+    except MgrowError as e:
+        raise MgrowError(f"{arch.name} on {d.spec}: {e}") from None
+    check_memory(need, f"{'training' if train else 'evaluating'} {arch.name} "
+                 f"x{arch.width:g} at batch {per_rank} on {d.input_size} x {d.input_size} "
+                 f"inputs", resolve_device(device))
 
 
 def side_files(output: Path) -> tuple[Path, Path]:
@@ -94,13 +117,29 @@ def run_phase(manifest: Manifest, model: nn.Module, data: Data, cfg: TrainConfig
               progress: Progress = "bar", force: bool = False) -> Outcome:
     """Train `model` through the engine, add the ledger row and write the bundle atomically."""
     check_writable(output, force)
-    check_fits(manifest.arch, data)
     ckpt, metrics = side_files(output)
+    with contextlib.ExitStack() as locks:
+        if is_main_process():  # one writer of the output and its side files at a time
+            locks.enter_context(writer_lock(output))
+            locks.enter_context(writer_lock(ckpt))
+        check_fits(manifest.arch, data, manifest.mixing, cfg.batch_size, True, cfg.device)
+        return _run_locked(manifest, model, data, cfg, output, operation, stage, ckpt,
+                           metrics, resume, progress, force)
+
+
+def _run_locked(manifest: Manifest, model: nn.Module, data: Data, cfg: TrainConfig,
+                output: Path, operation: str, stage: str, ckpt: Path, metrics: Path,
+                resume: bool, progress: Progress, force: bool) -> Outcome:
+    """run_phase with the output's writer locks held."""
     if not resume and ckpt.exists():
         raise MgrowError(f"{ckpt} exists from an unfinished run: pass --resume to continue it "
                          "or delete it to start over")
     result = train(model, data, cfg, checkpoint=ckpt, resume=resume, progress=progress,
                    metrics_path=metrics)
+    if not (math.isfinite(result.loss) and math.isfinite(result.accuracy)):
+        kept = f"; the checkpoint {ckpt} is kept" if ckpt.exists() else ""
+        raise MgrowError(f"the final evaluation is not finite (test loss {result.loss}); "
+                         f"{output} was not written{kept}")
     fwd = forward_flops(manifest.arch)
     phase = Phase(operation=operation, arch=manifest.describe(), stage=stage,
                   images=result.images, forward_flops=fwd, train_flops=3 * fwd * result.images,
@@ -210,8 +249,11 @@ def evaluate_bundle(path: Path, source: DataSource, device: str = "auto",
     """Return top-1 and loss of a bundle on the test split of its (or the given) data."""
     bundle = load(path)
     data = source.load(bundle.manifest.data)
-    check_fits(bundle.manifest.arch, data)
+    check_fits(bundle.manifest.arch, data, bundle.manifest.mixing, batch_size, False, device)
     acc, loss = evaluate(bundle.model(), data, batch_size=batch_size, device=device)
+    if not (math.isfinite(loss) and math.isfinite(acc)):
+        raise MgrowError(f"{path}: the evaluation is not finite (test loss {loss}): the "
+                         "bundle's statistics or weights are broken")
     return {"bundle": str(path), "data": data.spec.spec, "test_images": len(data.test_y),
             "top1": acc, "loss": loss}
 

@@ -54,6 +54,20 @@ def make_bundle(path: Path, arch: ArchSpec, mixing: MixingSpec | None = MixingSp
     return load(save_model(path, man, model))
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Report the suite's peak resident memory: this process (VmHWM) and its largest child."""
+    import re
+    import resource
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux
+        return
+    own = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    terminalreporter.write_line(f"peak resident memory: {own / 1e9:.2f} GB in the test "
+                                f"process, {child / 1e9:.2f} GB in its largest child")
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300
             ) -> subprocess.CompletedProcess:
     """Run the real `mgrow` CLI in a subprocess and return the completed process."""

@@ -31,8 +31,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _mixed_logits(state, arch, x, mixing=MixingSpec()):
-    model = build(arch, mixing)
-    model.load_state_dict(convert_state(state, arch, mixing))
+    model = build(arch, mixing, meta=True)  # takes the converted tensors themselves (no copy)
+    model.load_state_dict(convert_state(state, arch, mixing), strict=True, assign=True)
     with torch.no_grad():
         return model.eval()(x)
 

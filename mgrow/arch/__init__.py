@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import MgrowError
+from ..limits import MAX_DEPTH, MAX_WIDTH, check_memory, estimate
 from ..manifest import ArchSpec, MixingSpec
 from ..mixing import Builder
 
@@ -33,16 +34,22 @@ _FIXED: dict[str, Callable[[ArchSpec, Builder], nn.Module]] = {
     "resnet50": lambda s, b: resnet(s, b, "bottleneck", (3, 4, 6, 3)),
     "vgg11_bn": vgg11_bn,
 }
-_WRN = re.compile(r"wrn-(\d+)-(\d+)$")
+_WRN = re.compile(r"wrn-(\d{1,6})-(\d{1,6})$")
 NAMES = ("wrn-D-K", *_FIXED)
 
 
 def check_name(name: str) -> str:
     """Return `name` if the registry knows it, else raise a one-line MgrowError."""
     m = _WRN.match(name)
+    if m and int(m.group(1)) > MAX_DEPTH:  # build work grows with the layer count
+        raise MgrowError(f"{name}: depth {int(m.group(1))} exceeds the {MAX_DEPTH} layers "
+                         "mgrow builds")
+    if m and not 1 <= int(m.group(2)) <= MAX_WIDTH:
+        raise MgrowError(f"{name}: widening factor K must lie in 1..{MAX_WIDTH:g}")
     if name in _FIXED or (m and (int(m.group(1)) - 4) % 6 == 0 and int(m.group(1)) >= 10):
         return name
-    raise MgrowError(f"unknown architecture {name!r}: expected one of {', '.join(NAMES)} "
+    shown = name if len(name) <= 40 else name[:37] + "..."
+    raise MgrowError(f"unknown architecture {shown!r}: expected one of {', '.join(NAMES)} "
                      "(WRN depth D = 6n + 4, n >= 1; for example wrn-16-4, wrn-28-10)")
 
 
@@ -52,8 +59,24 @@ def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,
 
     meta=True: shapes only, on the meta device, no initialisation (free even for large
     nets); `.to_empty(device=...)` then gives uninitialised storage to load weights into.
+    Either way the network is first built on the meta device and sized (limits.estimate:
+    parameters, generated weights, one forward pass at batch 1 and the manifest's input
+    size), and refused in one line if it cannot take that input or would not fit memory.
     """
     check_name(arch.name)
+    shapes = _construct(arch, mixing, seed, meta=True)
+    what = f"{arch.name} x{arch.width:g}" + (" mixed" if mixing else " plain")
+    try:
+        size = (1, arch.in_channels, arch.input_size, arch.input_size)
+        need = estimate(shapes, size).need(False)
+    except MgrowError as e:
+        raise MgrowError(f"{what}: {e}") from None
+    check_memory(need, what)
+    return shapes if meta else _construct(arch, mixing, seed, meta=False)
+
+
+def _construct(arch: ArchSpec, mixing: MixingSpec | None, seed: int, meta: bool) -> nn.Module:
+    """Return the network, on the meta device (uninitialised) or initialised on the CPU."""
     builder = Builder(mixing)
     with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
         torch.manual_seed(seed)

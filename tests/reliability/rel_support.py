@@ -46,15 +46,20 @@ def mgrow_exec(*args: object, cwd: Path, timeout: float = 120) -> Run:
     return Fresh(args, cwd).finish(timeout)
 
 
-def mgrow(*args: object, cwd: Path, timeout: float = 120) -> Run:
+def mgrow(*args: object, cwd: Path, timeout: float = 120, memory_headroom: int | None = None,
+          env: dict[str, str] | None = None) -> Run:
     """Run the CLI entry point (`python -m mgrow ARGS`) in a child process, quickly.
 
     The child is forked from a server that has already imported torch and mgrow (and run
     no torch op), so a case costs a fork instead of a 2-3 s interpreter start; argument
     parsing, `main()`, signal handling, stdout, stderr and the exit status are the real
     ones. Cases that depend on a fresh interpreter (warnings, imports) use `mgrow_exec`.
+
+    memory_headroom: cap the child's address space (RLIMIT_AS) at what it has mapped plus
+    this many bytes, as `ulimit -v` would, so a large allocation fails for real.
+    env: environment variables set in the child only.
     """
-    return Forked(args, cwd).finish(timeout)
+    return Forked(args, cwd, memory_headroom, env).finish(timeout)
 
 
 class Fresh:
@@ -82,7 +87,8 @@ class Fresh:
 class Forked:
     """The CLI entry point run in a child forked from the preloaded server (see mgrow)."""
 
-    def __init__(self, args, cwd: Path):
+    def __init__(self, args, cwd: Path, memory_headroom: int | None = None,
+                 env: dict[str, str] | None = None):
         ctx = _forkserver()
         self.logs = tempfile.TemporaryDirectory(prefix="mgrow-run-")
         self.out, self.err = Path(self.logs.name, "out"), Path(self.logs.name, "err")
@@ -90,7 +96,8 @@ class Forked:
         os.environ.update(ENV)  # inherited by the server when this call starts it
         try:
             self.p = ctx.Process(target=_child, args=([str(a) for a in args], str(cwd),
-                                                      str(self.out), str(self.err)))
+                                                      str(self.out), str(self.err),
+                                                      memory_headroom, env))
             self.p.start()
         finally:
             for k, v in saved.items():
@@ -115,9 +122,16 @@ class Forked:
             self.logs.cleanup()
 
 
-def _child(args: list[str], cwd: str, out: str, err: str) -> None:
+def _child(args: list[str], cwd: str, out: str, err: str,
+           memory_headroom: int | None = None, env: dict[str, str] | None = None) -> None:
     """In a forked child: run `mgrow/__main__.py` as `python -m mgrow` would, then exit."""
     os.chdir(cwd)
+    os.environ.update(env or {})
+    if memory_headroom is not None:
+        import resource
+        mapped = int(re.search(r"VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text())
+                     .group(1)) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (mapped + memory_headroom,) * 2)
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)

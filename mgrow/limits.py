@@ -1,0 +1,245 @@
+"""Limits on what mgrow accepts: value ranges, JSON shape, memory and work, file-name length.
+
+One place for every bound, so the command line (typer `min=`/`max=` and the cli's
+`_number` callbacks), the manifest schema (pydantic `Field` constraints) and the library
+agree, and a refusal is one line that names the option or field.
+
+Memory: before a network is built, `mgrow.arch.build` builds it on the meta device
+(shapes only, nothing allocated) and `estimate` counts its parameters, buffers and
+generated weights and runs one meta forward pass to size the activations; `check_memory`
+refuses what would not fit the memory available to this process (`available_memory`:
+/proc/meminfo's MemAvailable, capped by a cgroup limit; on CUDA the device's free
+memory) and says how much it would need. Every command that makes a network goes through
+`build`; training and evaluation check again at their batch size (phases.check_fits).
+
+Worked example: a plain wrn-16-1 (10 classes) has 176,007 parameters and buffers
+(704,080 bytes); one training step on a batch of 128 32 x 32 images has 140.5 MB of
+layer outputs, so `estimate(model, (128, 3, 32, 32), True).need(True)` is 283.1 MB
+(state, gradients and momentum, outputs and their gradients).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import MgrowError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the manifest schema imports this
+    import torch
+    from torch import nn
+
+# -- value ranges (inclusive) shared by the command line and the manifest schema ------------
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; numpy's SeedSequence any int >= 0
+MAX_WIDTH = 1024.0  # channel multiplier
+MAX_CLASSES = 100_000
+MAX_CHANNELS = 1024  # input channels
+MAX_INPUT_SIZE = 4096  # input side in pixels
+MAX_TEMPLATES = 64  # templates per layer (and of the edge layers)
+MAX_FACTOR = 64  # growth factor g (and members m <= g); growing again multiplies it
+MAX_DEPTH = 1000  # WRN depth D: build work grows with the layer count
+MAX_BATCH = 1 << 20
+MAX_EPOCHS = 1e6
+MAX_LR = 1e4
+MAX_WEIGHT_DECAY = 1.0
+MAX_IMAGES = 2**53  # images counted in a ledger row (exact in a JSON double)
+MAX_FLOPS = 2**62  # forward FLOPs per image; train FLOPs = 3 x forward x images
+MAX_SECONDS = 1e9  # wall time of a phase
+MAX_NOISE = 1e3  # relative noise of fuse
+MAX_REFERENCE_EPOCHS = 1e6
+MAX_BUDGET = 1e6
+MAX_WORKERS = 1024
+
+# -- JSON read from files: refused before the parser's recursion or memory can blow up ------
+MAX_JSON_DEPTH = 32  # a manifest is about 5 levels deep
+MAX_MANIFEST_BYTES = 1 << 24  # 16 MiB of manifest text
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own header limit
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_OPEN, _CLOSE = list(b"[{"), list(b"]}")
+
+
+def json_depth(text: str | bytes) -> int:
+    """Return how deeply `text`'s arrays and objects nest (strings ignored); "[[1], {}]" is 2."""
+    import numpy as np
+    raw = text.encode(errors="replace") if isinstance(text, str) else text
+    bare = np.frombuffer(_STRINGS.sub(b"", raw), dtype=np.uint8)
+    steps = (np.isin(bare, _OPEN).astype(np.int64) - np.isin(bare, _CLOSE)).cumsum()
+    return int(steps.max(initial=0))
+
+
+def load_json(text: str | bytes, where: object, what: str, max_bytes: int,
+              not_json: str = "{what} is not valid JSON ({why})") -> Any:
+    """Return parsed JSON, or raise MgrowError if it is too large, too deep or not JSON
+    (`not_json`: the message for text that does not parse)."""
+    if len(text) > max_bytes:
+        raise MgrowError(f"{where}: {what} of {len(text):,} bytes exceeds the limit of "
+                         f"{max_bytes:,}")
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise MgrowError(f"{where}: {what} nests {depth} levels deep (at most "
+                         f"{MAX_JSON_DEPTH})")
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, RecursionError) as e:
+        why = type(e).__name__
+    except ValueError as e:  # JSONDecodeError, or an integer too long to convert
+        why = e.msg if isinstance(e, json.JSONDecodeError) else str(e).split(";")[0]
+    raise MgrowError(f"{where}: " + not_json.format(what=what, why=why))
+
+
+# -- file names ------------------------------------------------------------------------------
+TEMP_SUFFIX = len("." + ".12345678.tmp")  # a temporary file: .NAME.XXXXXXXX.tmp
+SIDE_SUFFIX = len(".metrics.jsonl") + TEMP_SUFFIX  # the longest name made from an output's
+
+
+def name_max(folder: Path) -> int:
+    """Return the longest file name (bytes) the file system of `folder` allows."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_name_length(path: Path, reserve: int = SIDE_SUFFIX) -> None:
+    """Raise MgrowError unless `path`'s name leaves `reserve` bytes below the file system's
+    limit, for the files named after it (temporary, checkpoint, metrics, lock)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    size, limit = len(os.fsencode(path.name)), name_max(folder)
+    if size + reserve > limit:
+        raise MgrowError(f"{path.name[:40]}...: output name of {size} bytes is too long "
+                         f"(at most {limit - reserve}: mgrow writes side files named "
+                         f"after it, and names are limited to {limit} bytes)")
+
+
+# -- memory and work -------------------------------------------------------------------------
+
+def human(n: float) -> str:
+    """Return a byte count for people: '512 B', '3.2 MB', '1.5 TB'."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def memory_cap() -> int | None:
+    """Return the bytes $MGROW_MEMORY_LIMIT allows (a number with an optional k, M, G or T
+    suffix, powers of 1000), None when unset; raise MgrowError when it does not parse."""
+    text = os.environ.get("MGROW_MEMORY_LIMIT", "").strip()
+    if not text:
+        return None
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)\s*([kMGT]?)B?", text)
+    if m is None:
+        raise MgrowError(f"MGROW_MEMORY_LIMIT={text[:40]!r}: expected bytes such as 4G or "
+                         "512M")
+    return int(float(m.group(1)) * 1000 ** " kMGT".index(m.group(2) or " "))
+
+
+def available_memory() -> int:
+    """Return the bytes this process may still allocate: MemAvailable, within a cgroup limit
+    (and $MGROW_MEMORY_LIMIT, see memory_cap)."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            avail = 1 << 62
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    cap = memory_cap()
+    return max(avail if cap is None else min(avail, cap), 0)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes a network takes: its state, generated weights, activations of one pass."""
+
+    state: int  # parameters and buffers (template banks included)
+    generated: int  # weights generated from templates (one forward holds them all)
+    trainable: int  # trainable parameters (each gets a gradient and a momentum buffer)
+    activations: int  # outputs of every leaf module in one forward pass at the batch size
+
+    def need(self, train: bool) -> int:
+        """Return the bytes one forward (train=False) or one training step needs."""
+        if not train:
+            return self.state + self.generated + self.activations
+        # gradients and momentum of the trainable parameters; generated weights and their
+        # gradients; activations kept for backward plus their gradients
+        return self.state + 2 * self.trainable + 2 * self.generated + 2 * self.activations
+
+
+def estimate(model: nn.Module, shape: tuple[int, ...] | None, train: bool = False) -> Estimate:
+    """Return the memory estimate of `model` (on the meta device) for a batch of `shape`.
+
+    Runs one meta forward pass (train or eval mode, as asked), so an input the network
+    cannot take raises here (MgrowError, naming the input) instead of mid-run.
+    """
+    import torch
+    from torch import nn
+
+    from .mixing import MixedLayer
+    size = 4  # float32
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    trainable = sum(p.numel() * size for p in model.parameters() if p.requires_grad)
+    generated = sum(math.prod(m.tile_shape) * m.grid[0] * m.grid[1] * size
+                    for m in model.modules() if isinstance(m, MixedLayer))
+    acts = 0
+    if shape is not None:
+        def count(mod: nn.Module, inp: Any, out: Any) -> None:
+            nonlocal acts
+            if isinstance(out, torch.Tensor):
+                acts += out.numel() * size
+
+        leaves = [m for m in model.modules() if not list(m.children())]
+        hooks = [m.register_forward_hook(count) for m in leaves]
+        was = model.training
+        try:
+            model.train(train)
+            with torch.no_grad():
+                model(torch.empty(shape, device="meta"))
+        except (RuntimeError, ValueError) as e:
+            raise MgrowError(_input_problem(shape, e)) from None
+        finally:
+            model.train(was)
+            for h in hooks:
+                h.remove()
+    return Estimate(state, generated, trainable, acts)
+
+
+def _input_problem(shape: tuple[int, ...], e: Exception) -> str:
+    """Return why the network cannot take a batch of `shape`, in one line."""
+    b, c, h, w = shape
+    msg = " ".join(str(e).split())[:160]
+    if "more than 1 value per channel" in msg:
+        return (f"a batch of {b} cannot be normalised by BatchNorm in training (a layer sees "
+                f"one value per channel); use a larger --batch-size")
+    return f"the network cannot take {c} x {h} x {w} inputs ({msg})"
+
+
+def check_memory(need: int, what: str, device: torch.device | None = None) -> None:
+    """Raise MgrowError if `need` bytes do not fit the memory left (host, or a CUDA device)."""
+    if device is not None and device.type == "cuda":
+        import torch
+        have, where = torch.cuda.mem_get_info(device)[0], f"{device} has"
+    else:
+        have = available_memory()
+        where = "this machine has" if memory_cap() != have else "MGROW_MEMORY_LIMIT allows"
+    if need > have:
+        raise MgrowError(f"{what} needs about {human(need)} of memory; {where} "
+                         f"{human(have)} available")
