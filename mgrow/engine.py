@@ -172,8 +172,7 @@ def evaluate(model: nn.Module, data: Data, batch_size: int = 512,
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=dev)  # (correct, loss sum, images)
-    for x, y in batches(data, False, batch_size, 0, 0, rank, world):
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+    for x, y in batches(data, False, batch_size, 0, 0, rank, world, device=dev):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
@@ -255,8 +254,8 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
             loss_sum, seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
             # steps of this epoch run before a resume: (mean loss, steps), from the checkpoint
             prior_mean, prior_n = saved.pop("epoch_loss", (0.0, 0)) if first else (0.0, 0)
-            for x, y in batches(data, True, cfg.batch_size, epoch, cfg.seed, rank, world, first):
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            for x, y in batches(data, True, cfg.batch_size, epoch, cfg.seed, rank, world, first,
+                                device=dev):  # uint8 to the device, normalised there
                 if cl:
                     x = x.contiguous(memory_format=torch.channels_last)  # (b, C, H, W)
                 lr = lr_at(step, total, warmup, cfg.lr)

@@ -40,6 +40,10 @@ class DataSource:
     data_dir: str | None = None
     download: bool = False
     subset: int | None = None
+    mode: str = "auto"  # auto | memory | stream (see mgrow.data)
+    workers: int | None = None  # streamed sets: loader processes (None: the CPUs, at most 8)
+    input_size: int | None = None  # image folders (None: the bundle's, else 224)
+    stats: str = "imagenet"  # streamed sets: mean/std from ImageNet, or measured on a sample
 
     def load(self, recorded: DatasetSpec | None = None) -> Data:
         """Return the data: the given spec, else the one a bundle recorded (same subset)."""
@@ -48,12 +52,20 @@ class DataSource:
         spec = self.spec if self.spec is not None else recorded.spec
         subset = self.subset
         if subset is None and self.spec is None:
-            full = load_data(spec, self.data_dir, self.download)
+            full = self._load(spec, None, recorded)
             if recorded.train_size < len(full.train_y):
                 subset = recorded.train_size
             else:
                 return full
-        return load_data(spec, self.data_dir, self.download, subset)
+        return self._load(spec, subset, recorded)
+
+    def _load(self, spec: str, subset: int | None, recorded: DatasetSpec | None) -> Data:
+        """Return load_data's result; an image folder keeps the input size a bundle recorded."""
+        size = self.input_size
+        if size is None and recorded is not None and spec.startswith("imagefolder:"):
+            size = recorded.input_size
+        return load_data(spec, self.data_dir, self.download, subset, self.mode, size,
+                         self.stats, self.workers)
 
 
 def check_fits(arch: ArchSpec, data: Data) -> None:
