@@ -79,11 +79,16 @@ def convert(
     arch: Annotated[str, typer.Option("--arch", help="Registry name: wrn-D-K, resnet18, "
                                       "resnet34, resnet50, vgg11_bn.", show_default=False)],
     output: Output,
-    num_classes: Annotated[int, typer.Option("--num-classes", min=1, help="Classes.")] = 10,
+    num_classes: Annotated[Optional[int], typer.Option(
+        "--num-classes", min=1, help="Classes [default: the checkpoint classifier's rows].",
+        show_default=False)] = None,
     width: Annotated[float, typer.Option("--width", help="Channel multiplier.")] = 1.0,
-    in_channels: Annotated[int, typer.Option("--in-channels", help="Input channels.")] = 3,
-    input_size: Annotated[int, typer.Option("--input-size", help="Input side in pixels "
-                                            "(for FLOPs).")] = 32,
+    in_channels: Annotated[Optional[int], typer.Option(
+        "--in-channels", min=1, help="Input channels [default: the checkpoint stem's].",
+        show_default=False)] = None,
+    input_size: Annotated[Optional[int], typer.Option(
+        "--input-size", min=8, help="Input side in pixels, for FLOPs [default: 224 for "
+        "resnet and vgg, 32 for wrn].", show_default=False)] = None,
     norm: Annotated[Norm, typer.Option("--norm", help="WRN only: BN before every conv, or "
                                        "only before each block.")] = Norm.every,
     templates: Templates = 2,
