@@ -8,7 +8,6 @@ aspect ratios, saved as JPEG (examples/image_folder.py).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -32,7 +31,7 @@ from mgrow.manifest import ArchSpec, MixingSpec
 from mgrow.stream import (IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, RATIO, SCALE, BadImage,
                           crop_params, sample_key)
 
-from conftest import CIFAR, ROOT, run_cli
+from conftest import CIFAR, run_cli
 
 SIZE = 16  # input side: tiny, so every test takes seconds
 ARCH = ArchSpec(name="resnet18", width=0.125, num_classes=10, input_size=SIZE)
@@ -40,20 +39,9 @@ pytestmark = pytest.mark.skipif(not (CIFAR / "test.npz").exists(),
                                 reason=f"no CIFAR-10 copy at {CIFAR}")
 
 
-def make_image_folder(out: Path, train: int, val: int, **kw) -> Path:
-    """examples/image_folder.py's folder of upscaled CIFAR-10 JPEGs."""
-    spec = importlib.util.spec_from_file_location("image_folder",
-                                                  ROOT / "examples/image_folder.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.make_image_folder(out, train, val, **kw)
-
-
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """120 training and 40 validation photographs, sides 24-72 px, aspect 1:2 to 2:1."""
-    return make_image_folder(tmp_path_factory.mktemp("images"), 120, 40, min_side=24,
-                             max_side=72)
+def folder(image_folder) -> Path:
+    return image_folder
 
 
 @pytest.fixture(scope="module")
