@@ -322,7 +322,7 @@ def normalise(x: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
     """Return uint8 images (b, C, H, W) as float32 normalised by the spec's mean and std."""
     mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1) * 255  # 0-255 scale
     std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1) * 255
-    return (x.float() - mean) / std
+    return x.float().sub_(mean).div_(std)  # in place: the same float32 ops, one buffer
 
 
 def crop_flip(x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
