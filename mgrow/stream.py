@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_FRACTION = 0.875  # eval: resize the shorter side to S / 0.875, centre-crop S
 MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold (about 9459 x 9459)
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop's defaults
+STATS = ("imagenet", "sample")  # --stats: ImageNet's mean/std, or measured on a sample
 STATS_SAMPLE = 1000  # --stats sample: images measured (evenly spaced over the training split)
 DEFAULT_SIZE = 224
 
@@ -277,7 +279,7 @@ class StreamData:
         loader = torch.utils.data.DataLoader(
             images, batch_sampler=plan, num_workers=self.workers, pin_memory=pin,
             generator=torch.Generator(),  # never draws from (or moves) the global torch RNG
-            prefetch_factor=4 if self.workers else None)
+            prefetch_factor=4 if self.workers else None, worker_init_fn=_worker_start)
         try:
             for x, y in loader:  # (b, 3, S, S) uint8, (b,) int64
                 if device is not None:
@@ -285,6 +287,14 @@ class StreamData:
                 yield normalise(x, self.spec), y
         except BadImage as e:  # from a worker: the first line of its traceback is not ours
             raise BadImage(_own_message(e)) from None
+
+
+def _worker_start(worker: int) -> None:
+    """Make a loader worker ignore Ctrl-C and SIGTERM sent to the whole process group: the
+    main process stops after the current step (it may still need a batch to finish it) and
+    then shuts the workers down itself; a worker whose parent dies exits on its own."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _own_message(e: Exception) -> str:
@@ -319,6 +329,8 @@ def load_folder(spec: str, root: Path, subset: int | None, input_size: int | Non
                 subset_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> StreamData:
     """Return a streamed image folder: listed, cut to `subset`, every used file's header
     checked, normalisation per `stats` ('imagenet' constants or 'sample'-measured)."""
+    if stats not in STATS:
+        raise MgrowError(f"unknown --stats {stats!r} (imagenet or sample)")
     import PIL.Image  # noqa: F401  imported here, once: forked workers inherit the modules
     import torchvision.transforms.v2.functional  # noqa: F401  (seconds each, per import)
     workers = default_workers() if workers is None else workers
@@ -334,12 +346,8 @@ def load_folder(spec: str, root: Path, subset: int | None, input_size: int | Non
         raise MgrowError(f"{spec}: the training and test splits must both hold images")
     for split, where in ((train, "training split"), (test, "test split")):
         scan(root, split, max(4, 2 * workers), f"{spec}, {where}")
-    if stats == "imagenet":
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-    elif stats == "sample":
-        mean, std = measure_stats(root, train, size, workers)
-    else:
-        raise MgrowError(f"unknown --stats {stats!r} (imagenet or sample)")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if stats == "imagenet" else \
+        measure_stats(root, train, size, workers)
     info = DatasetSpec(spec=spec, num_classes=len(classes), channels=3, input_size=size,
                        mean=mean, std=std, train_size=len(train.files))
     return StreamData(root, train, test, info, workers)
