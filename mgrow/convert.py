@@ -87,7 +87,9 @@ def _resnet_family(state: dict[str, torch.Tensor]) -> str | None:
     depth_of = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}
     blocks = tuple(_blocks(state, f"layer{i}") for i in range(1, 5))
     if "layer1.0.conv3.weight" not in state:  # basic blocks
-        return f"resnet{depth_of[blocks]}" if blocks in depth_of else             f"a basic-block ResNet with {'-'.join(map(str, blocks))} blocks"
+        if blocks in depth_of:
+            return f"resnet{depth_of[blocks]}"
+        return f"a basic-block ResNet with {'-'.join(map(str, blocks))} blocks"
     depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}.get(blocks)
     name = str(depth) if depth else f" with {'-'.join(map(str, blocks))} bottleneck blocks"
     conv2, conv3 = state["layer1.0.conv2.weight"], state["layer1.0.conv3.weight"]

@@ -8,9 +8,7 @@ aspect ratios, saved as JPEG (examples/image_folder.py).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import math
 import os
 import shutil
 import signal
