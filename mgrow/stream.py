@@ -11,7 +11,8 @@ Transforms at input size S (torchvision.transforms.v2 functionals on PIL images)
 - train: RandomResizedCrop(S) (scale 0.08-1, ratio 3/4-4/3, bilinear, antialiased) and a
   horizontal flip with probability 1/2;
 - eval: Resize(round(S / 0.875)) of the shorter side, then CenterCrop(S).
-Workers return uint8 batches; they are normalised after the copy to the device.
+Workers return uint8 batches, normalised after the copy to an accelerator; for the CPU the
+workers normalise them (the same float32 operations, so the same bits).
 
 Determinism: the epoch's order and each rank's slice of every global batch are those of
 the in-memory path (mgrow.data.batch_plan); the crop and flip of training image i in
@@ -28,6 +29,7 @@ at the batch that decodes it, in one line naming the file.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -275,18 +277,36 @@ class StreamData:
             rank, world, start)]
         split = self.train if train else self.test
         images = Images(self.root, split, self.spec.input_size, train, seed, epoch)
-        pin = device is not None and device.type == "cuda"
+        # to an accelerator: uint8 batches (4x less to copy), normalised there; for the CPU
+        # the workers normalise (the main process's threads are the training's)
+        to_device = device is not None and device.type != "cpu"
+        collate = _stack if to_device else functools.partial(_stack_normalised, self.spec)
         loader = torch.utils.data.DataLoader(
-            images, batch_sampler=plan, num_workers=self.workers, pin_memory=pin,
+            images, batch_sampler=plan, num_workers=self.workers, collate_fn=collate,
+            pin_memory=device is not None and device.type == "cuda",
             generator=torch.Generator(),  # never draws from (or moves) the global torch RNG
             prefetch_factor=4 if self.workers else None, worker_init_fn=_worker_start)
         try:
-            for x, y in loader:  # (b, 3, S, S) uint8, (b,) int64
-                if device is not None:
+            for x, y in loader:  # (b, 3, S, S) uint8 or float32, (b,) int64
+                if to_device:
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                yield normalise(x, self.spec), y
+                    x = normalise(x, self.spec)
+                yield x, y
         except BadImage as e:  # from a worker: the first line of its traceback is not ours
             raise BadImage(_own_message(e)) from None
+
+
+def _stack(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return a batch: images (b, 3, S, S) uint8 and labels (b,) int64."""
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def _stack_normalised(spec: DatasetSpec, items: list[tuple[torch.Tensor, int]]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return a batch with its images normalised: (b, 3, S, S) float32, labels (b,) int64."""
+    from .data import normalise
+    x, y = _stack(items)
+    return normalise(x, spec), y
 
 
 def _worker_start(worker: int) -> None:
