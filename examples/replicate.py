@@ -68,13 +68,15 @@ SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, 
     "cpu-long": dict(arch="wrn-10-2", subset=4000, epochs=30, batch=64, budget=0.45,
                      point=0.8),
     "gpu": dict(arch="wrn-28-10", subset=None, epochs=200, batch=128, budget=0.45, point=0.8),
-    # the paper's ImageNet recipe: ResNet-50 x0.5 -> ResNet-50, 90 epochs, batch 256, lr 0.1,
-    # 0.35X, sibling for 0.8 of a run; bf16 on CUDA. Needs --data imagefolder:IMAGENET
+    # the paper's ImageNet recipe: ResNet-50 x0.5 -> ResNet-50, 90 epochs, batch 256, lr 0.1
+    # decayed 0.1x at epochs 30, 60, 80 (each phase's run decays at those shares of its own
+    # length), 0.35X, sibling for 0.8 of a run; bf16 on CUDA. Needs --data imagefolder:DIR
     "imagenet": dict(arch="resnet50", subset=None, epochs=90, batch=256, budget=0.35,
-                     point=0.8, input_size=224, amp=True),
+                     point=0.8, input_size=224, amp=True, schedule="step"),
     # the same code path in CI: resnet50 x0.125 -> x0.25 at 32 px on a small image folder
     "imagenet-tiny": dict(arch="resnet50", width=0.25, subset=None, epochs=1, batch=20,
-                          budget=0.35, point=0.8, input_size=32, workers=0),
+                          budget=0.35, point=0.8, input_size=32, workers=0,
+                          schedule="step"),
 }
 IMAGENET_ROWS = ("small", "large", "large-match", "random", "net2net", "mg")
 MAIN = ("small", "small-plain", "small-match", "large", "large-match", "random", "net2net",
@@ -100,6 +102,7 @@ class Runner:
     def cfg(self, epochs: float) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.s["batch"], seed=self.seed,
                            amp=self.s.get("amp", False),  # bf16 on CUDA only
+                           schedule=self.s.get("schedule", "cosine"),
                            eval_every_epoch=False)  # one full test-set pass, at the end
 
     def path(self, name: str) -> Path:
