@@ -280,7 +280,7 @@ class StreamData:
         # to an accelerator: uint8 batches (4x less to copy), normalised there; for the CPU
         # the workers normalise (the main process's threads are the training's)
         to_device = device is not None and device.type != "cpu"
-        collate = _stack if to_device else functools.partial(_stack_normalised, self.spec)
+        collate = functools.partial(_stack, spec=None if to_device else self.spec)
         loader = torch.utils.data.DataLoader(
             images, batch_sampler=plan, num_workers=self.workers, collate_fn=collate,
             pin_memory=device is not None and device.type == "cuda",
@@ -296,17 +296,19 @@ class StreamData:
             raise BadImage(_own_message(e)) from None
 
 
-def _stack(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return a batch: images (b, 3, S, S) uint8 and labels (b,) int64."""
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-
-
-def _stack_normalised(spec: DatasetSpec, items: list[tuple[torch.Tensor, int]]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return a batch with its images normalised: (b, 3, S, S) float32, labels (b,) int64."""
+def _stack(items: list[tuple[torch.Tensor, int]], spec: DatasetSpec | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return a batch: images (b, 3, S, S), uint8 or (given `spec`) float32 normalised by it,
+    and labels (b,) int64. In a worker the images go straight into shared memory, as
+    torch's default_collate does: no copy when the batch is sent, and no heap growth."""
     from .data import normalise
-    x, y = _stack(items)
-    return normalise(x, spec), y
+    first = items[0][0]
+    out = torch.empty((len(items), *first.shape), dtype=torch.float32 if spec else first.dtype)
+    if torch.utils.data.get_worker_info() is not None:
+        out.share_memory_()
+    for i, (x, _) in enumerate(items):
+        out[i] = normalise(x[None], spec)[0] if spec else x
+    return out, torch.tensor([y for _, y in items])
 
 
 def _worker_start(worker: int) -> None:
