@@ -161,15 +161,14 @@ def _edges(arch: ArchSpec) -> tuple[str, str]:
     return convs[0] + ".weight", heads[-1] + ".weight"
 
 
-def read_shape(state: dict[str, torch.Tensor], arch: ArchSpec, src: object) -> tuple[int, int]:
-    """Return (classes, input channels) as the checkpoint's classifier and stem say."""
+def read_shape(state: dict[str, torch.Tensor], arch: ArchSpec) -> tuple[int | None,
+                                                                        int | None]:
+    """Return (classes, input channels) as the checkpoint's classifier and stem say; None
+    for what it lacks (the tensor check then names the missing or misshapen key)."""
     stem, head = _edges(arch)
-    for key, dims in ((head, 2), (stem, 4)):
-        if key not in state or state[key].dim() != dims:
-            raise MgrowError(f"{src}: no {dims}-D tensor {key} to read the "
-                             f"{'classes' if key == head else 'input channels'} from "
-                             f"(is it a {arch.name} checkpoint?)")
-    return state[head].shape[0], state[stem].shape[1]
+    classes = state[head].shape[0] if head in state and state[head].dim() == 2 else None
+    channels = state[stem].shape[1] if stem in state and state[stem].dim() == 4 else None
+    return classes, channels
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -247,9 +246,9 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     check_family(state, arch_name, src)
     arch = ArchSpec(name=arch_name, width=width, input_size=input_size or
                     default_input_size(arch_name), norm=norm)
-    classes, channels = read_shape(state, arch, src)
-    arch = arch.model_copy(update={"num_classes": num_classes or classes,
-                                   "in_channels": in_channels or channels})
+    classes, channels = read_shape(state, arch)
+    arch = arch.model_copy(update={"num_classes": num_classes or classes or arch.num_classes,
+                                   "in_channels": in_channels or channels or arch.in_channels})
     if mixing is None:
         plain = build(arch)
         _check_classes(plain, state, src)
