@@ -1,4 +1,4 @@
-"""One short GPU check: the CUDA tests, plain vs template-mixed training speed, fuse time.
+"""One short GPU check: the CUDA tests, training speed (in memory and streamed), fuse time.
 
     python benchmarks/gpu_check.py               # one CUDA GPU; < 8 minutes on an H100
     python benchmarks/gpu_check.py --cpu-smoke   # the same code end to end on CPU, tiny sizes
@@ -15,12 +15,21 @@
 (c) Fuse of two WRN-28-5 members: the CLI's whole fuse (load both bundles, grow, write),
     and load + grow + the grown WRN-28-10 built on the GPU, ready to train; one forward
     there is checked against the CPU's.
+(d) Streamed training: the template-mixed ResNet-50 (1000 classes) at batch 256, bf16
+    autocast and channels_last, fed by mgrow's streamed loader (mgrow.data.batches on an
+    image folder: --workers processes decode JPEGs and apply RandomResizedCrop(224) + flip,
+    pinned uint8 batches copied to the GPU and normalised there). The folder is written
+    first: CIFAR-10 photographs upscaled to ImageNet-like sizes (shorter side 160-400 px),
+    20 batches' worth. Each step is timed in two parts, bracketed by
+    torch.cuda.synchronize: waiting for the next batch (loader + copy + normalise) and the
+    training step; reported: images/s and the share of step time spent waiting for data.
 Exit status: that of the tests (non-zero if any failed), else 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -40,8 +49,10 @@ from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
-FULL = dict(arch="wrn-28-10", batch=128, warmup=10, steps=30, fuse_arch="wrn-28-5", repeats=3)
-SMOKE = dict(arch="wrn-10-1", batch=8, warmup=1, steps=2, fuse_arch="wrn-10-1", repeats=1)
+FULL = dict(arch="wrn-28-10", batch=128, warmup=10, steps=30, fuse_arch="wrn-28-5", repeats=3,
+            stream=dict(width=1.0, size=224, batch=256, warmup=5, steps=15, sides=(160, 400)))
+SMOKE = dict(arch="wrn-10-1", batch=8, warmup=1, steps=2, fuse_arch="wrn-10-1", repeats=1,
+             stream=dict(width=0.125, size=32, batch=8, warmup=1, steps=3, sides=(32, 64)))
 
 
 def sync(dev: torch.device) -> None:
@@ -173,12 +184,71 @@ def fuse_time(size: dict, dev: torch.device) -> None:
             raise SystemExit("the grown net on the device disagrees with the written bundle")
 
 
+def streamed(size: dict, dev: torch.device, workers: int) -> None:
+    """(d) Print streamed ResNet-50 training images/s and the share of time waiting for data."""
+    import importlib.util
+
+    from mgrow.data import batches, load_data
+    s = size["stream"]
+    amp = dev.type == "cuda"
+    count = (s["warmup"] + s["steps"]) * s["batch"]  # one epoch: exactly the steps timed
+    print(f"(d) streamed resnet50 (mixed, width {s['width']:g}) training, batch {s['batch']}, "
+          f"input {s['size']}, {'bf16 autocast' if amp else 'fp32'}, channels_last, "
+          f"{workers} loader workers", flush=True)
+    spec = importlib.util.spec_from_file_location("image_folder",
+                                                  ROOT / "examples/image_folder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        folder = mod.make_image_folder(Path(d), count, 10, *s["sides"])
+        data = load_data(f"imagefolder:{folder}", input_size=s["size"], workers=workers)
+        print(f"    folder of {count} photographs written and listed in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        arch = ArchSpec(name="resnet50", width=s["width"], num_classes=1000,
+                        input_size=s["size"])
+        model = build(arch, MixingSpec()).to(dev).train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.1, momentum=0.9, nesterov=True)
+        waits, steps = [], []
+        it = batches(data, True, s["batch"], 0, 0, device=dev)
+        for i in range(s["warmup"] + s["steps"]):
+            sync(dev)
+            t0 = time.perf_counter()
+            x, y = next(it)  # (B, 3, S, S) normalised on the device
+            x = x.contiguous(memory_format=torch.channels_last)
+            sync(dev)
+            t1 = time.perf_counter()
+            with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sync(dev)
+            if i >= s["warmup"]:
+                waits.append(t1 - t0)
+                steps.append(time.perf_counter() - t1)
+        total = sum(waits) + sum(steps)
+        print(f"    {s['batch'] * len(steps) / total:8.0f} images/s end to end; the training "
+              f"steps alone {s['batch'] * len(steps) / sum(steps):8.0f} images/s ({len(steps)} "
+              f"steps timed)")
+        print(f"    share of step time waiting for data: {sum(waits) / total:.1%} (loader "
+              f"median {statistics.median(waits) * 1000:.1f} ms, step "
+              f"{statistics.median(steps) * 1000:.1f} ms)")
+        if not torch.isfinite(loss.detach()):
+            raise SystemExit("non-finite loss in the streamed run")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run everything on CPU at tiny sizes (wrn-10-1, batch 8, 2 steps)")
     p.add_argument("--steps", type=int, help="timed steps per net in (b)")
     p.add_argument("--skip-tests", action="store_true", help="skip (a)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="loader processes in (d) [default: every CPU]")
     a = p.parse_args()
     size = dict(SMOKE if a.cpu_smoke else FULL)
     if a.steps:
@@ -195,6 +265,7 @@ def main() -> None:
     status = 0 if a.skip_tests else run_tests(a.cpu_smoke)
     throughput(size, dev)
     fuse_time(size, dev)
+    streamed(size, dev, a.workers)
     print(f"done in {time.perf_counter() - t0:.0f} s; tests "
           f"{'skipped' if a.skip_tests else 'passed' if status == 0 else 'FAILED'}")
     sys.exit(status)

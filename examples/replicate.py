@@ -1,6 +1,8 @@
-"""The paper's Table 1 (and its ablations) at a chosen scale, on real CIFAR-10.
+"""The paper's Table 1 (and its ablations) at a chosen scale, on real CIFAR-10 or ImageNet.
 
     python examples/replicate.py --scale cpu --seeds 3 --out examples/results/cpu
+    python examples/replicate.py --scale imagenet --data imagefolder:/data/imagenet \
+        --out runs/imagenet     # ResNet-50 at width 0.5 -> ResNet-50, 90 epochs, 0.35X
 
 Every row trains through mgrow's own library (the functions behind the CLI), so every
 number comes with its ledger. Rows:
@@ -28,6 +30,10 @@ number comes with its ledger. Rows:
                   `convert`ed (default spare templates) and grown alone
   random-plain, net2net-plain   the baselines grown from the same plain checkpoint
   mg-best         the best recipe measured (BEST below) under the same post-growth rule
+The ImageNet scales (`imagenet`, and `imagenet-tiny` for CI on a generated image folder)
+grow resnet50 at half width into resnet50 on a streamed image folder (train/ and val/,
+RandomResizedCrop + flip, Resize + CenterCrop at the scale's input size) and default to
+the paper's ImageNet rows: small, large, large-match, random, net2net, mg.
 Growth rows spend the same budget B (growth FLOPs / one large run, from the ledger: the
 sibling plus the finetune) with one post-growth rule for all (the scale's `rule`: peak lr,
 BN handling; `finetune`'s defaults otherwise).
@@ -77,7 +83,17 @@ SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, 
     # on 2 idle cores
     "cpu-v2": dict(arch="wrn-16-2", norm="block", subset=None, epochs=5, batch=128,
                    budget=0.45, point=0.8, rule=dict(RULE, bn_correct=True, bn_recalibrate=20)),
+    # the paper's ImageNet recipe: ResNet-50 x0.5 -> ResNet-50, 90 epochs, batch 256, lr 0.1
+    # decayed 0.1x at epochs 30, 60, 80 (each phase's run decays at those shares of its own
+    # length), 0.35X, sibling for 0.8 of a run; bf16 on CUDA. Needs --data imagefolder:DIR
+    "imagenet": dict(arch="resnet50", subset=None, epochs=90, batch=256, budget=0.35,
+                     point=0.8, input_size=224, amp=True, schedule="step"),
+    # the same code path in CI: resnet50 x0.125 -> x0.25 at 32 px on a small image folder
+    "imagenet-tiny": dict(arch="resnet50", width=0.25, subset=None, epochs=1, batch=20,
+                          budget=0.35, point=0.8, input_size=32, workers=0,
+                          schedule="step"),
 }
+IMAGENET_ROWS = ("small", "large", "large-match", "random", "net2net", "mg")
 MAIN = ("small", "small-plain", "small-match", "large", "large-match", "random", "net2net",
         "gradmax", "firefly", "mg-nofusion", "mg", "mg-converted", "mg-best")
 GROWTH_STEPS = 8  # batches of the gradmax/firefly growth step, unless a scale says otherwise
@@ -97,16 +113,18 @@ class Runner:
 
     def __init__(self, folder: Path, scale: dict, seed: int, data: str, quiet: bool) -> None:
         self.d, self.s, self.seed = folder, scale, seed
-        self.source = DataSource(data, subset=scale["subset"])
+        self.source = DataSource(data, subset=scale["subset"],
+                                 input_size=scale.get("input_size"),
+                                 workers=scale.get("workers"))
         self.progress = "quiet" if quiet else "bar"
         folder.mkdir(parents=True, exist_ok=True)
-        norm = scale.get("norm", "every")
-        self.small_arch = ArchSpec(name=scale["arch"], width=0.5, norm=norm)
-        self.large_arch = ArchSpec(name=scale["arch"], norm=norm)
         self.rule = scale.get("rule", RULE)
+        self.width = scale.get("width", 1.0)  # of the large net; the small one is half
 
     def cfg(self, epochs: float) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.s["batch"], seed=self.seed,
+                           amp=self.s.get("amp", False),  # bf16 on CUDA only
+                           schedule=self.s.get("schedule", "cosine"),
                            eval_every_epoch=False)  # one full test-set pass, at the end
 
     def path(self, name: str) -> Path:
@@ -119,7 +137,7 @@ class Runner:
     def train(self, name: str, width: float, epochs: float, mixed: bool = True) -> Path:
         if not self.path(name).exists():
             train_new(self.s["arch"], self.source, self.cfg(epochs), self.path(name),
-                      mixing=MixingSpec() if mixed else None, width=width,
+                      mixing=MixingSpec() if mixed else None, width=width * self.width,
                       norm=self.s.get("norm", "every"), **self.run_options(name))
         return self.path(name)
 
@@ -191,9 +209,14 @@ class Runner:
             cache.write_text(repr(evaluate(b.model(), data)[0]))
         return float(cache.read_text())
 
+    def small_arch(self) -> ArchSpec:
+        """The half-width net's architecture (classes and input size from the data)."""
+        return load(self.train("small", 0.5, self.s["epochs"])).manifest.arch
+
     def budget_epochs(self) -> float:
         """Epochs of the half-width net that cost the growth budget (Small Match)."""
-        ratio = forward_flops(self.large_arch) / forward_flops(self.small_arch)
+        small = self.small_arch()
+        ratio = forward_flops(small.widened(2)) / forward_flops(small)
         return self.s["budget"] * self.s["epochs"] * ratio
 
     def row(self, name: str) -> dict:
@@ -233,7 +256,7 @@ class Runner:
                 options = dict(BEST)
             path, at_growth = self.grow(name, self.sibling(point), **options)
         man = load(path).manifest
-        ref = reference_flops(man.model_copy(update={"arch": self.large_arch}), E)
+        ref = reference_flops(man.model_copy(update={"arch": self.small_arch().widened(2)}), E)
         charged = [p for p in man.phases if p.stage == "growth"] if at_growth is not None \
             else list(man.phases)
         start = "small-plain" if name in ("mg-converted", "random-plain",
@@ -353,10 +376,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", choices=SCALES, default="cpu")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/replicate"))
-    p.add_argument("--data", default=f"npz:{os.path.relpath(CIFAR, ROOT)}",
-                   help="--data spec; a relative path is taken from the project root")
-    p.add_argument("--rows", default="main", help="main; paper (main + ablations + post-"
-                   "growth lr sweep); all (paper + growth points); or a comma-separated list")
+    p.add_argument("--data", help="data set spec; a relative path is taken from the "
+                   f"project root [default: npz:{os.path.relpath(CIFAR, ROOT)}; the imagenet "
+                   "scales need imagefolder:FOLDER with train/ and val/]")
+    p.add_argument("--rows", default="main", help="main (imagenet scales: the paper's "
+                   "ImageNet rows); paper (main + ablations + post-growth lr sweep); all "
+                   "(paper + growth points); or a comma-separated list")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report-only", action="store_true", help="train nothing: tabulate the "
                    "rows already finished in --out")
@@ -365,6 +390,12 @@ def main(argv: list[str] | None = None) -> None:
                    "would take at --scale")
     a = p.parse_args(argv)
     scale = SCALES[a.scale]
+    imagenet = a.scale.startswith("imagenet")
+    if a.data is None and imagenet:
+        p.error(f"--scale {a.scale} needs --data imagefolder:FOLDER (train/CLASS/*.jpg and "
+                "val/CLASS/*.jpg; examples/image_folder.py writes a small one)")
+    a.data = a.data or f"npz:{os.path.relpath(CIFAR, ROOT)}"
+    main_rows = IMAGENET_ROWS if imagenet else MAIN
     if a.estimate:
         secs = estimate(scale, load_spec(a.data))
         for name, v in secs.items():
@@ -374,7 +405,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     extra = ABLATIONS + tuple(f"mg-lr-{x:g}" for x in LRS)
     points = tuple(f"mg-point-{x:g}" for x in POINTS)
-    stages = {"main": [MAIN], "paper": [MAIN, extra], "all": [MAIN, extra, points]}.get(
+    stages = {"main": [main_rows], "paper": [main_rows, extra],
+              "all": [main_rows, extra, points]}.get(
         a.rows, [tuple(a.rows.split(","))])
     runs = []
     for names in stages:  # every seed of the main table first, then the ablations
@@ -431,7 +463,8 @@ def write_results(a: argparse.Namespace, scale: dict, runs: list[dict]) -> None:
             "scale": a.scale, **scale, "data": project_spec(a.data), "seeds": a.seeds}
     (a.out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
     table = summarise(runs, a.scale, scale)
-    header = (f"Scale `{a.scale}`: {scale['arch']} at width 0.5 -> 1.0, "
+    width = scale.get("width", 1.0)
+    header = (f"Scale `{a.scale}`: {scale['arch']} at width {width / 2:g} -> {width:g}, "
               f"{scale['subset'] or 'all'} training images, E = {scale['epochs']} epochs, "
               f"batch {scale['batch']}, growth budget {scale['budget']}X, growth point "
               f"{scale['point']}, BN {scale.get('norm', 'every')}, post-growth rule "

@@ -63,6 +63,8 @@ Method = _choices("Method", "mixture", "random", "net2net", "gradmax", "firefly"
 Sharing = _choices("Sharing", "pairs", "none")
 Norm = _choices("Norm", "every", "block")
 Spare = _choices("Spare", "random", "permuted")
+DataModes = _choices("DataModes", "auto", "memory", "stream")  # mgrow.data.MODES
+StatsModes = _choices("StatsModes", "imagenet", "sample")
 
 
 Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.safetensors).")]
@@ -80,8 +82,6 @@ SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=L.MAX_SEED,
 Width = Annotated[float, typer.Option("--width", callback=_number(0, L.MAX_WIDTH, True),
                                       help="Channel multiplier (0.5: the half-width net "
                                       "that grows into width 1).")]
-InputSize = Annotated[int, typer.Option("--input-size", min=8, max=L.MAX_INPUT_SIZE,
-                                        help="Input side in pixels (for FLOPs).")]
 RefEpochs = Annotated[float, typer.Option(
     "--reference-epochs", callback=_number(0, L.MAX_REFERENCE_EPOCHS, True),
     help="Epochs of one full from-scratch run (the 1.00X).")]
@@ -115,12 +115,16 @@ def convert(
     arch: Annotated[str, typer.Option("--arch", help="Registry name: wrn-D-K, resnet18, "
                                       "resnet34, resnet50, vgg11_bn.", show_default=False)],
     output: Output,
-    num_classes: Annotated[int, typer.Option("--num-classes", min=1, max=L.MAX_CLASSES,
-                                             help="Classes.")] = 10,
+    num_classes: Annotated[Optional[int], typer.Option(
+        "--num-classes", min=1, max=L.MAX_CLASSES,
+        help="Classes [default: the checkpoint classifier's rows].", show_default=False)] = None,
     width: Width = 1.0,
-    in_channels: Annotated[int, typer.Option("--in-channels", min=1, max=L.MAX_CHANNELS,
-                                             help="Input channels.")] = 3,
-    input_size: InputSize = 32,
+    in_channels: Annotated[Optional[int], typer.Option(
+        "--in-channels", min=1, max=L.MAX_CHANNELS,
+        help="Input channels [default: the checkpoint stem's].", show_default=False)] = None,
+    input_size: Annotated[Optional[int], typer.Option(
+        "--input-size", min=8, max=L.MAX_INPUT_SIZE, help="Input side in pixels, for FLOPs "
+        "[default: 224 for resnet and vgg, 32 for wrn].", show_default=False)] = None,
     norm: Annotated[Norm, typer.Option("--norm", help="WRN only: BN before every conv, or "
                                        "only before each block.")] = Norm.every,
     templates: Templates = 2,
@@ -326,10 +330,21 @@ ChannelsLast = Annotated[Optional[bool], typer.Option(
     "--channels-last/--no-channels-last", help="Memory format [default: on for conv nets].",
     show_default=False)]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model.")]
-Workers = Annotated[int, typer.Option("--workers", min=0, max=L.MAX_WORKERS,
-                                      help="Accepted for timm "
-                                      "compatibility; data is held in memory and batched "
-                                      "in-process, so no loader workers are used.")]
+Workers = Annotated[Optional[int], typer.Option(
+    "--workers", min=0, max=L.MAX_WORKERS, help="Streamed data: DataLoader worker processes "
+    "that decode and augment images (0: in this process) [default: the CPUs, at most 8]. "
+    "In-memory data is batched in-process and uses none.", show_default=False)]
+DataMode = Annotated[DataModes, typer.Option(
+    "--data-mode", help="auto: stream image folders from disk, hold every other data set in "
+    "memory; memory: decode an image folder once into memory (small folders); stream: "
+    "stream it (image folders only).")]
+InputSize = Annotated[Optional[int], typer.Option(
+    "--input-size", min=8, max=L.MAX_INPUT_SIZE, help="Image folders: the side S the network "
+    "sees (train: RandomResizedCrop(S) + flip; eval: Resize(S/0.875) + CenterCrop(S)) "
+    "[default: the bundle's, else 224].", show_default=False)]
+Stats = Annotated[StatsModes, typer.Option(
+    "--stats", help="Streamed data: normalise by the ImageNet mean/std, or by those measured "
+    "on 1,000 training images; recorded in the bundle either way.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose "
                                       "checkpoint is OUTPUT.ckpt.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
@@ -360,9 +375,11 @@ def _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, de
         raise MgrowError(f"{option}: {err['msg']} (got {err.get('input')!r})") from None
 
 
-def _source(data, data_dir, download, subset):
+def _source(data, data_dir, download, subset, data_mode=DataModes.auto, workers=None,
+            input_size=None, stats=StatsModes.imagenet):
     from .phases import DataSource
-    return DataSource(data, data_dir, download, subset)
+    return DataSource(data, data_dir, download, subset, data_mode.value, workers, input_size,
+                      stats.value)
 
 
 def _report(outcome, as_json: bool) -> None:
@@ -401,15 +418,17 @@ def train(
     weight_decay: WeightDecay = 5e-4, label_smoothing: Smoothing = 0.0, seed: SeedOpt = 0,
     device: Device = "auto", amp: Amp = False, channels_last: ChannelsLast = None,
     compile_: Compile = False,
-    workers: Workers = 0, data_dir: DataDir = None, download: Download = False,
-    subset: Subset = None, resume: Resume = False, quiet: Quiet = False,
+    workers: Workers = None, data_dir: DataDir = None, download: Download = False,
+    subset: Subset = None, data_mode: DataMode = DataModes.auto, input_size: InputSize = None,
+    stats: Stats = StatsModes.imagenet, resume: Resume = False, quiet: Quiet = False,
     as_json: AsJson = False, force: Force = False,
 ):
     """Train a network from scratch: a first small net, or the Small/Large baselines."""
     from .phases import train_new
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
                amp, channels_last, compile_)
-    outcome = train_new(arch, _source(data, data_dir, download, subset), cfg, output,
+    outcome = train_new(arch, _source(data, data_dir, download, subset, data_mode, workers,
+                                input_size, stats), cfg, output,
                         mixing=_mixing(templates, sharing, 1, True) if mixed else None,
                         width=width, norm=norm.value, resume=resume,
                         progress=_progress(quiet, as_json), force=force)
@@ -433,8 +452,9 @@ def train_sibling(
     weight_decay: WeightDecay = 5e-4, label_smoothing: Smoothing = 0.0,
     device: Device = "auto", amp: Amp = False, channels_last: ChannelsLast = None,
     compile_: Compile = False,
-    workers: Workers = 0, data_dir: DataDir = None, download: Download = False,
-    subset: Subset = None, resume: Resume = False, quiet: Quiet = False,
+    workers: Workers = None, data_dir: DataDir = None, download: Download = False,
+    subset: Subset = None, data_mode: DataMode = DataModes.auto, input_size: InputSize = None,
+    stats: Stats = StatsModes.imagenet, resume: Resume = False, quiet: Quiet = False,
     as_json: AsJson = False, force: Force = False,
 ):
     """Train a same-shape sibling of SMALL with fresh, independent templates (for fuse)."""
@@ -446,7 +466,8 @@ def train_sibling(
         seed = int(load(small).manifest.lineage.options.get("seed", 0)) + 1
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
                amp, channels_last, compile_)
-    outcome = run(small, _source(data, data_dir, download, subset), cfg, output,
+    outcome = run(small, _source(data, data_dir, download, subset, data_mode, workers,
+                                input_size, stats), cfg, output,
                   resume=resume, progress=_progress(quiet, as_json), force=force)
     _report(outcome, as_json)
 
@@ -472,8 +493,9 @@ def finetune(
     weight_decay: WeightDecay = 5e-4, label_smoothing: Smoothing = 0.0, seed: SeedOpt = 0,
     device: Device = "auto", amp: Amp = False, channels_last: ChannelsLast = None,
     compile_: Compile = False,
-    workers: Workers = 0, data_dir: DataDir = None, download: Download = False,
-    subset: Subset = None, resume: Resume = False, quiet: Quiet = False,
+    workers: Workers = None, data_dir: DataDir = None, download: Download = False,
+    subset: Subset = None, data_mode: DataMode = DataModes.auto, input_size: InputSize = None,
+    stats: Stats = StatsModes.imagenet, resume: Resume = False, quiet: Quiet = False,
     as_json: AsJson = False, force: Force = False,
 ):
     """Continue training any bundle, typically a grown one (everything trainable)."""
@@ -484,7 +506,8 @@ def finetune(
     _positive("--reference-epochs", reference_epochs)
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
                amp, channels_last, compile_)
-    outcome = run(bundle, _source(data, data_dir, download, subset), cfg, output,
+    outcome = run(bundle, _source(data, data_dir, download, subset, data_mode, workers,
+                                input_size, stats), cfg, output,
                   budget=budget, reference_epochs=reference_epochs,
                   bn_recalibrate=bn_recalibrate, resume=resume,
                   progress=_progress(quiet, as_json), force=force)
@@ -502,11 +525,15 @@ def evaluate(
     device: Device = "auto",
     data_dir: DataDir = None,
     download: Download = False,
+    workers: Workers = None,
+    data_mode: DataMode = DataModes.auto,
+    input_size: InputSize = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Top-1 accuracy and loss of a bundle on the test split."""
     from .phases import evaluate_bundle
-    res = evaluate_bundle(bundle, _source(data, data_dir, download, None), device, batch_size)
+    res = evaluate_bundle(bundle, _source(data, data_dir, download, None, data_mode, workers,
+                                          input_size), device, batch_size)
     if as_json:
         print(json.dumps(res))
     else:

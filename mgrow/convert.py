@@ -67,9 +67,119 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise MgrowError(f"{p}: no state_dict found (expected a dict of tensors, or one under "
                          "'state_dict' or 'model')")
-    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return conform(obj, p)
+    return conform(strip_wrappers(obj), p)
+
+
+WRAPPERS = ("module.", "model.", "_orig_mod.")  # DataParallel/DDP, Lightning, torch.compile
+
+
+def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return the state_dict without the prefixes wrappers add to every key (any nesting of
+    DDP's `module.`, Lightning's `model.` and torch.compile's `_orig_mod.`)."""
+    while state:
+        prefix = next((w for w in WRAPPERS if all(k.startswith(w) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _blocks(state: dict[str, torch.Tensor], stage: str) -> int:
+    """Return how many residual blocks a torchvision ResNet stage (`layer3`) holds."""
+    found = {int(k.split(".")[1]) for k in state if k.startswith(stage + ".")
+             and k.split(".")[1].isdigit()}
+    return max(found) + 1 if found else 0
+
+
+def _resnet_family(state: dict[str, torch.Tensor]) -> str | None:
+    """Return the torchvision ResNet-family name of a state_dict (None if not a ResNet)."""
+    if "layer1.0.conv1.weight" not in state or "fc.weight" not in state:
+        return None
+    depth_of = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34}
+    blocks = tuple(_blocks(state, f"layer{i}") for i in range(1, 5))
+    if "layer1.0.conv3.weight" not in state:  # basic blocks
+        if blocks in depth_of:
+            return f"resnet{depth_of[blocks]}"
+        return f"a basic-block ResNet with {'-'.join(map(str, blocks))} blocks"
+    depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}.get(blocks)
+    name = str(depth) if depth else f" with {'-'.join(map(str, blocks))} bottleneck blocks"
+    conv2, conv3 = state["layer1.0.conv2.weight"], state["layer1.0.conv3.weight"]
+    if conv2.shape[1] != conv2.shape[0]:  # grouped 3x3 convolutions
+        groups = conv2.shape[0] // max(1, conv2.shape[1])
+        return f"resnext{name}_{groups}x{conv2.shape[1]}d"
+    if conv3.shape[0] == 2 * conv2.shape[0]:  # bottleneck twice as wide as ResNet's
+        return f"wide_resnet{name}_2"
+    return f"resnet{name}"
+
+
+def _vgg_family(state: dict[str, torch.Tensor]) -> str | None:
+    """Return the torchvision VGG name of a state_dict (None if not a VGG)."""
+    if not any(k.startswith("features.") for k in state) or "classifier.6.weight" not in state:
+        return None
+    convs = sum(1 for k, v in state.items() if k.startswith("features.") and v.dim() == 4)
+    bn = any(k.startswith("features.") and k.endswith("running_mean") for k in state)
+    depth = {8: "11", 10: "13", 13: "16", 16: "19"}.get(convs, f" with {convs} convolutions")
+    return f"vgg{depth}{'_bn' if bn else ''}"
+
+
+_OTHER_FAMILIES = {  # a key fragment only this torchvision family's state_dicts hold
+    "denseblock1": "densenet", "encoder_layer_0": "vit", "attn.qkv": "swin",
+    "layer_scale": "convnext", "trunk_output": "regnet", "Mixed_5b": "inception_v3",
+    "inception3a": "googlenet", "squeeze.weight": "squeezenet", "stage2.0.branch": "shufflenet_v2",
+    "block.0.0.weight": "mobilenet_v3 / efficientnet", "conv.0.0.weight": "mobilenet_v2",
+    "layers.0.weight": "mnasnet",
+}
+
+
+def torchvision_family(state: dict[str, torch.Tensor]) -> str | None:
+    """Return the torchvision model family a state_dict looks like, from its keys and shapes
+    (resnet50, wide_resnet50_2, resnext50_32x4d, vgg16_bn, densenet, ...), or None."""
+    for rule in (_resnet_family, _vgg_family):
+        name = rule(state)
+        if name is not None:
+            return name
+    return next((name for frag, name in _OTHER_FAMILIES.items()
+                 if any(frag in k for k in state)), None)
+
+
+def check_family(state: dict[str, torch.Tensor], arch_name: str, src: object) -> None:
+    """Raise MgrowError when the checkpoint is a torchvision family other than `arch_name`:
+    one mgrow does not build (named), or another one it does (pass that --arch)."""
+    from .arch import NAMES
+    family = torchvision_family(state)
+    if family is None or family == arch_name or arch_name.startswith("wrn-"):
+        return
+    if family in NAMES:
+        raise MgrowError(f"{src}: looks like torchvision's {family}, not {arch_name}: pass "
+                         f"--arch {family}")
+    raise MgrowError(f"{src}: looks like torchvision's {family}, which mgrow does not build "
+                     f"(it builds {', '.join(NAMES)})")
+
+
+FAMILY_INPUT = {"resnet": 224, "vgg": 224, "wrn": 32}  # default --input-size (FLOPs) by family
+
+
+def default_input_size(arch_name: str) -> int:
+    """Return the input side a family is usually trained at: 224 (ImageNet) or 32 (CIFAR)."""
+    return next(size for prefix, size in FAMILY_INPUT.items() if arch_name.startswith(prefix))
+
+
+def _edges(arch: ArchSpec) -> tuple[str, str]:
+    """Return the state_dict keys of the network's first convolution and its classifier."""
+    model = build(arch.model_copy(update={"num_classes": 1}), meta=True)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return convs[0] + ".weight", heads[-1] + ".weight"
+
+
+def read_shape(state: dict[str, torch.Tensor], arch: ArchSpec) -> tuple[int | None,
+                                                                        int | None]:
+    """Return (classes, input channels) as the checkpoint's classifier and stem say; None
+    for what it lacks (the tensor check then names the missing or misshapen key)."""
+    stem, head = _edges(arch)
+    classes = state[head].shape[0] if head in state and state[head].dim() == 2 else None
+    channels = state[stem].shape[1] if stem in state and state[stem].dim() == 4 else None
+    return classes, channels
 
 
 def _unpickling_reason(e: Exception) -> str:
@@ -147,19 +257,27 @@ def convert_state(state: dict[str, torch.Tensor], arch: ArchSpec, mixing: Mixing
 
 
 def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
-                       num_classes: int = 10, width: float = 1.0, in_channels: int = 3,
-                       input_size: int = 32, norm: str = "every",
-                       mixing: MixingSpec | None = MixingSpec(), data: str | None = None,
-                       seed: int = 0, spare: str = "random", force: bool = False
-                       ) -> tuple[Path, Manifest]:
-    """Convert a plain checkpoint file into a bundle; return its path and manifest."""
+                       num_classes: int | None = None, width: float = 1.0,
+                       in_channels: int | None = None, input_size: int | None = None,
+                       norm: str = "every", mixing: MixingSpec | None = MixingSpec(),
+                       data: str | None = None, seed: int = 0, spare: str = "random",
+                       force: bool = False) -> tuple[Path, Manifest]:
+    """Convert a plain checkpoint file into a bundle; return its path and manifest.
+
+    None: classes and input channels as the checkpoint's classifier and stem say, input
+    size by family (default_input_size: 224 for resnet/vgg, 32 for wrn).
+    """
     from .arch import check_name
     from .bundle import check_writable, save, sha256_file
     check_name(arch_name)
     check_writable(output, force)
-    arch = ArchSpec(name=arch_name, width=width, num_classes=num_classes,
-                    in_channels=in_channels, input_size=input_size, norm=norm)
     state = read_checkpoint(src)
+    check_family(state, arch_name, src)
+    arch = ArchSpec(name=arch_name, width=width, input_size=input_size or
+                    default_input_size(arch_name), norm=norm)
+    classes, channels = read_shape(state, arch)
+    arch = arch.model_copy(update={"num_classes": num_classes or classes or arch.num_classes,
+                                   "in_channels": in_channels or channels or arch.in_channels})
     if mixing is None:
         plain = build(arch)
         _check_classes(plain, state, src)

@@ -1,4 +1,5 @@
-"""Data sets held in memory as uint8 tensors, and deterministic batches drawn from them.
+"""Data sets by spec, held in memory as uint8 tensors (image folders: streamed by default,
+see mgrow.stream), and the deterministic batches drawn from either kind.
 
 Specs (`--data`):
 - `digits` (default): 1,797 real 8x8 grayscale handwritten digits shipped with mgrow
@@ -9,9 +10,16 @@ Specs (`--data`):
 - `cifar10`, `cifar100`, `mnist`, `fashion-mnist`, `svhn`: torchvision's copies under the
   data folder (`--data-dir`, else $MGROW_DATA, else ~/.cache/mgrow/data).
 - `imagefolder:PATH`: PATH/train/CLASS/*.jpg (.jpeg .png .webp) and PATH/val or
-  PATH/test with the same class folders. Decoded as RGB with PIL; every image is resized
-  (shorter side, antialiased) and centre-cropped to S x S, S = the first training image's
-  shorter side, at most 224.
+  PATH/test with the same class folders, at input size S (`input_size`, default 224).
+  Streamed from disk by default (mgrow.stream: DataLoader workers, the ImageNet recipe's
+  RandomResizedCrop + flip for training, Resize(S / 0.875) + CenterCrop(S) for
+  evaluation, ImageNet mean/std or `stats="sample"`); `mode="memory"` decodes every image
+  once through the evaluation view into memory instead (small folders).
+
+Data modes: `auto` streams image folders and holds every other set in memory (they are
+arrays already); `memory` and `stream` force one (streaming applies to image folders
+only). Both kinds of data share one interface (`spec`, `train_y`, `test_y`, `batches`) and
+one batch plan, so for the same seed they give the same labels in the same order.
 
 Images must be square. Classes are 0..K-1 with K = the largest label + 1 (imagefolder: the
 sorted class folders). Mean and std per channel (0-1 scale) are those of the training split
@@ -32,7 +40,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -40,17 +48,17 @@ import torch.nn.functional as F
 
 from . import MgrowError
 from .manifest import DatasetSpec
+from .stream import StreamData
 
 PAD = 4  # pixels of zero padding before the random crop
-MAX_SIZE = 224  # imagefolder: images are resized to at most this side
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST",
                 "fashion-mnist": "FashionMNIST", "svhn": "SVHN"}
 SPECS = ("digits", "npz:PATH", *_TORCHVISION, "imagefolder:PATH")
+MODES = ("auto", "memory", "stream")
 
 
 @dataclass
-class Data:
+class MemoryData:
     """A data set in memory: uint8 images, int64 labels, and what a bundle records of it."""
 
     train_x: torch.Tensor  # (N, C, H, W) uint8
@@ -60,6 +68,16 @@ class Data:
     spec: DatasetSpec
     augment: bool  # random crop (pad 4) + horizontal flip while training
 
+    def batches(self, train: bool, batch_size: int, epoch: int, seed: int, rank: int = 0,
+                world: int = 1, start: int = 0, device: torch.device | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield this rank's normalised batches (see mgrow.data.batches)."""
+        return _memory_batches(self, train, batch_size, epoch, seed, rank, world, start,
+                               device)
+
+
+Data = Union[MemoryData, StreamData]  # one interface: spec, train_y, test_y, batches()
+
 
 def default_data_dir() -> Path:
     """Return the folder torchvision data sets live in: $MGROW_DATA or ~/.cache/mgrow/data."""
@@ -67,11 +85,34 @@ def default_data_dir() -> Path:
 
 
 def load_data(spec: str, data_dir: str | os.PathLike | None = None, download: bool = False,
-              subset: int | None = None) -> Data:
-    """Return the data set named by `spec`, its training split cut to `subset` images."""
+              subset: int | None = None, mode: str = "auto", input_size: int | None = None,
+              stats: str = "imagenet", workers: int | None = None) -> Data:
+    """Return the data set named by `spec`, its training split cut to `subset` images:
+    in memory (MemoryData) or streamed from disk (mgrow.stream.StreamData), as `mode` says.
+
+    `input_size`, `stats` (imagenet | sample) and `workers` (None: the CPUs, at most 8)
+    apply to image folders; `stats` and `workers` to streamed ones only.
+    """
     if subset is not None and subset < 1:
         raise MgrowError(f"--subset must be at least 1, not {subset}")
+    if mode not in MODES:
+        raise MgrowError(f"unknown --data-mode {mode!r}: expected one of {', '.join(MODES)}")
     name, _, arg = spec.partition(":")
+    folder = name == "imagefolder" and arg
+    if input_size is not None and not folder:
+        raise MgrowError(f"--input-size applies to imagefolder: data sets; {spec} images have "
+                         f"a fixed size")
+    if input_size is not None and not 8 <= input_size <= 4096:
+        raise MgrowError(f"--input-size must lie in 8..4096, not {input_size}")
+    if workers is not None and workers < 0:
+        raise MgrowError(f"--workers must be at least 0, not {workers}")
+    if mode == "stream" and not folder:
+        raise MgrowError(f"--data-mode stream applies to imagefolder: data sets; {spec} is "
+                         f"held in memory (use --data-mode auto or memory)")
+    if folder and mode != "memory":
+        from .stream import load_folder
+        return load_folder(spec, Path(arg).expanduser(), subset, input_size, stats, workers,
+                           balanced_subset)
     if name == "digits" and not arg:
         splits = _npz_splits(Path(__file__).with_name("digits.npz"), "digits")
     elif name == "npz" and arg:
@@ -79,8 +120,8 @@ def load_data(spec: str, data_dir: str | os.PathLike | None = None, download: bo
     elif name in _TORCHVISION and not arg:
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         splits = _torchvision(name, root, download)
-    elif name == "imagefolder" and arg:
-        splits = _imagefolder(Path(arg).expanduser(), subset)
+    elif folder:
+        splits = _imagefolder(spec, Path(arg).expanduser(), subset, input_size, workers)
         subset = None  # already applied before decoding
     else:
         raise MgrowError(f"unknown data set {spec!r}: expected one of {', '.join(SPECS)}")
@@ -89,7 +130,7 @@ def load_data(spec: str, data_dir: str | os.PathLike | None = None, download: bo
 
 def _assemble(spec: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
               test_y: torch.Tensor, num_classes: int | None, subset: int | None,
-              no_flip: bool) -> Data:
+              no_flip: bool) -> MemoryData:
     """Return checked Data from (N, C, H, W) uint8 splits, cut to `subset` training images.
 
     `num_classes` None: the largest label + 1.
@@ -115,7 +156,7 @@ def _assemble(spec: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: t
     mean, std = channel_stats(train_x)
     info = DatasetSpec(spec=spec, num_classes=num_classes, channels=c, input_size=h,
                        mean=mean, std=std, train_size=len(train_y))
-    return Data(train_x, train_y, test_x, test_y, info, augment=c == 3 and not no_flip)
+    return MemoryData(train_x, train_y, test_x, test_y, info, augment=c == 3 and not no_flip)
 
 
 def balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -223,63 +264,28 @@ def _torchvision(name: str, root: Path, download: bool) -> tuple:
     return (*out, None)
 
 
-def _imagefolder(root: Path, subset: int | None) -> tuple:
-    """Return (train_x, train_y, test_x, test_y, num_classes) of an imagefolder: tree."""
-    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        raise MgrowError(f"imagefolder:{root}: expected train/CLASS/*.jpg and val/ or test/ "
-                         f"with the same class folders")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    unknown = sorted({d.name for d in test_dir.iterdir() if d.is_dir()} - set(classes))
-    if not classes or unknown:
-        raise MgrowError(f"imagefolder:{root}: " + (f"{test_dir.name}/ has classes missing "
-                         f"from train/: {', '.join(unknown[:4])}" if unknown
-                         else "train/ has no class folders"))
-    train = _listing(root / "train", classes)
-    test = _listing(test_dir, classes)
-    if not train[0]:
-        raise MgrowError(f"imagefolder:{root}: no {'/'.join(EXTENSIONS)} images in train/")
+def _imagefolder(spec: str, root: Path, subset: int | None, input_size: int | None,
+                 workers: int | None) -> tuple:
+    """Return (train_x, train_y, test_x, test_y, num_classes) of an imagefolder: tree decoded
+    into memory, every image through the streamed path's eval view (Resize + CenterCrop)."""
+    from .stream import DEFAULT_SIZE, Split, decode, default_workers, eval_view, list_folder, scan
+    classes, train, test = list_folder(root)
     if subset is not None:
-        if subset > len(train[0]):
-            raise MgrowError(f"--subset {subset} exceeds the {len(train[0])} training images "
-                             f"of imagefolder:{root}")
-        keep = balanced_subset(train[1], subset).tolist()
-        train = ([train[0][i] for i in keep], train[1][keep])
-    size = min(MAX_SIZE, *_decode(train[0][0]).shape[1:])
-    tx, vx = _decode_all(train[0], size), _decode_all(test[0], size)
-    return tx, train[1], vx, test[1], len(classes)
-
-
-def _listing(folder: Path, classes: list[str]) -> tuple[list[Path], torch.Tensor]:
-    """Return the image files under folder/CLASS/ (sorted) and their labels (N,) int64."""
-    files, labels = [], []
-    for k, c in enumerate(classes):
-        found = sorted(p for p in (folder / c).glob("*") if p.suffix.lower() in EXTENSIONS)
-        files += found
-        labels += [k] * len(found)
-    return files, torch.tensor(labels, dtype=torch.int64)
-
-
-def _decode(path: Path) -> torch.Tensor:
-    """Return one image as RGB uint8 (3, H, W), or raise MgrowError."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"))  # (H, W, 3)
-    except OSError as e:  # PIL.UnidentifiedImageError is an OSError
-        raise MgrowError(f"{path}: cannot decode image ({e})") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
-
-
-def _decode_all(files: list[Path], size: int) -> torch.Tensor:
-    """Return images (N, 3, size, size) uint8: shorter side resized to size, centre-cropped."""
-    from torchvision.transforms.v2.functional import center_crop, resize
-
-    out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    for n, path in enumerate(files):
-        out[n] = center_crop(resize(_decode(path), [size], antialias=True), [size, size])
-    return out
+        if subset > len(train.files):
+            raise MgrowError(f"--subset {subset} exceeds the {len(train.files)} training images "
+                             f"of {spec}")
+        keep = balanced_subset(train.labels, subset)
+        train = Split(train.files[keep.numpy()], train.labels[keep])
+    size = input_size or DEFAULT_SIZE
+    out = []
+    for split, where in ((train, "training split"), (test, "test split")):
+        scan(root, split, 2 * (default_workers() if workers is None else max(1, workers)),
+             f"{spec}, {where}")
+        x = torch.empty(len(split.files), 3, size, size, dtype=torch.uint8)
+        for i in range(len(split.files)):
+            x[i] = eval_view(decode(split.path(root, i)), size)
+        out += [x, split.labels]
+    return (*out, len(classes))
 
 
 def steps_per_epoch(data: Data, batch_size: int) -> int:
@@ -293,6 +299,32 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def batch_plan(n: int, train: bool, batch_size: int, epoch: int, seed: int, rank: int = 0,
+               world: int = 1, start: int = 0) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield, per global batch from `start` on, (this rank's slice of the batch, the image
+    indices (b,) int64 in that slice): the one order both kinds of data follow.
+
+    Training: a permutation of the n images drawn from (seed, epoch), cut into full global
+    batches (the last incomplete one dropped). Evaluation: file order, every image. Rank r
+    of `world` gets the r-th contiguous slice of each global batch.
+    """
+    order = torch.randperm(n, generator=_generator(seed, 0, epoch)) if train else None
+    count = n // batch_size if train else -(-n // batch_size)
+    for b in range(start, count):
+        lo = b * batch_size
+        size = min(n, lo + batch_size) - lo
+        r0, r1 = size * rank // world, size * (rank + 1) // world  # this rank's slice
+        idx = order[lo + r0:lo + r1] if train else torch.arange(lo + r0, lo + r1)
+        yield slice(r0, r1), idx
+
+
+def normalise(x: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
+    """Return uint8 images (b, C, H, W) as float32 normalised by the spec's mean and std."""
+    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1) * 255  # 0-255 scale
+    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1) * 255
+    return x.float().sub_(mean).div_(std)  # in place: the same float32 ops, one buffer
+
+
 def crop_flip(x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
     """Return images (B, C, H, W) zero-padded by PAD, cropped at shift (B, 2), mirrored if flip."""
     b, c, h, w = x.shape
@@ -304,29 +336,38 @@ def crop_flip(x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor) -> torch
     return picked.gather(3, cols[:, None, None, :].expand(b, c, h, w))  # (B, C, H, W)
 
 
-def batches(data: Data, train: bool, batch_size: int, epoch: int, seed: int, rank: int = 0,
-            world: int = 1, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(data: Data, train: bool, batch_size: int, epoch: int, seed: int,
+            rank: int = 0, world: int = 1, start: int = 0, device: torch.device | None = None
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images (b, C, H, W) float32 normalised, labels (b,) int64), this rank's slices.
 
     `batch_size` is the global batch; rank r of `world` gets the r-th contiguous slice of
     each. Training shuffles and drops the last incomplete batch; evaluation keeps file
-    order and every image. `start` skips the first `start` global batches.
+    order and every image. `start` skips the first `start` global batches. With `device`,
+    batches are moved there as uint8 and normalised there (pinned first when streamed to
+    CUDA).
     """
+    return data.batches(train, batch_size, epoch, seed, rank, world, start, device)
+
+
+def _memory_batches(data: MemoryData, train: bool, batch_size: int, epoch: int, seed: int,
+                    rank: int = 0, world: int = 1, start: int = 0,
+                    device: torch.device | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield batches of an in-memory data set (see `batches`); augmentation of global batch
+    b from (seed, epoch, b), drawn for the whole global batch and then sliced."""
     x, y = (data.train_x, data.train_y) if train else (data.test_x, data.test_y)
-    n = len(y)
-    order = torch.randperm(n, generator=_generator(seed, 0, epoch)) if train else None
-    count = n // batch_size if train else -(-n // batch_size)
-    mean = torch.tensor(data.spec.mean).view(1, -1, 1, 1) * 255  # (1, C, 1, 1), 0-255 scale
-    std = torch.tensor(data.spec.std).view(1, -1, 1, 1) * 255
-    for b in range(start, count):
-        lo = b * batch_size
-        size = min(n, lo + batch_size) - lo
-        r0, r1 = size * rank // world, size * (rank + 1) // world  # this rank's slice
-        idx = order[lo + r0:lo + r1] if train else slice(lo + r0, lo + r1)
+    for b, (part, idx) in enumerate(batch_plan(len(y), train, batch_size, epoch, seed, rank,
+                                               world, start), start):
         xb = x[idx]  # (b, C, H, W) uint8
         if train and data.augment:
             g = _generator(seed, 1, epoch, b)
-            shift = torch.randint(0, 2 * PAD + 1, (size, 2), generator=g)  # (B, 2) global
-            flip = torch.randint(0, 2, (size,), generator=g).bool()  # (B,) global
-            xb = crop_flip(xb, shift[r0:r1], flip[r0:r1])
-        yield (xb.float() - mean) / std, y[idx]
+            full = min(len(y), (b + 1) * batch_size) - b * batch_size
+            shift = torch.randint(0, 2 * PAD + 1, (full, 2), generator=g)  # (B, 2) global
+            flip = torch.randint(0, 2, (full,), generator=g).bool()  # (B,) global
+            xb = crop_flip(xb, shift[part], flip[part])
+        yb = y[idx]
+        if device is not None:
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        yield normalise(xb, data.spec), yb
+

@@ -3,8 +3,10 @@
 - SGD with momentum (Nesterov by default) and parameter groups derived from the parameters
   themselves: weight decay on template banks and >= 2-D weights, none on coefficients
   (`.alpha`), norms and biases.
-- Learning rate: linear warm-up over min(warmup_epochs, 10% of the run), then a cosine to 0;
-  a pure function of the global step, so a checkpoint needs no scheduler state.
+- Learning rate: linear warm-up over min(warmup_epochs, 10% of the run), then a cosine to 0
+  (or, `schedule="step"`, the paper's ImageNet steps: 0.1x at 1/3, 2/3 and 8/9 of the run,
+  epochs 30, 60, 80 of 90); a pure function of the global step, so a checkpoint needs no
+  scheduler state.
 - Deterministic: the data order and augmentation come from (seed, epoch, batch) (see
   mgrow.data), and a checkpoint holds the model, optimizer, step, images seen and the torch
   CPU RNG state, so a resumed run is bit-for-bit the uninterrupted one on the same device.
@@ -57,6 +59,7 @@ from .mixing import MixedConv2d
 CHECKPOINT_FORMAT = "mgrow-train-1"
 SYNC_EVERY = 50  # CUDA: steps between host syncs (non-finite check, progress, DDP stop vote)
 WARMUP_MAX = 0.1  # warm-up takes at most this share of the run
+STEP_AT = (1 / 3, 2 / 3, 8 / 9)  # schedule "step": shares of the run where lr drops 0.1x
 
 Progress = Union[Literal["bar", "quiet", "json"], Callable[[dict], None]]
 
@@ -78,6 +81,7 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(128, ge=1)  # global: split over the ranks
     warmup_epochs: float = Field(1.0, ge=0)  # clipped to 10% of the run's steps
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["cosine", "step"] = "cosine"  # after the warm-up (see lr_at)
     seed: int = Field(0, ge=0)  # data order, augmentation and the torch RNG
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:N
     amp: bool = False  # bf16 autocast, CUDA only
@@ -98,14 +102,18 @@ class TrainResult:
     notes: tuple[str, ...] = ()  # options that could not be honoured, such as --amp on CPU
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Return the learning rate of 0-based `step` of `total`: linear warm-up, then cosine to 0.
+def lr_at(step: int, total: int, warmup: int, peak: float, schedule: str = "cosine") -> float:
+    """Return the learning rate of 0-based `step` of `total`: linear warm-up, then cosine to 0
+    (or steps of 0.1x at the STEP_AT shares of the run).
 
     Example: total=100, warmup=10, peak=0.1 gives 0.01 at step 0, 0.1 at steps 9 and 10,
-    0.05 at step 55 and 3.0e-5 at step 99; it would reach 0 at step 100.
+    0.05 at step 55 and 3.0e-5 at step 99; it would reach 0 at step 100. With "step" and
+    total=900: 0.1 up to step 299, 0.01 from 300, 0.001 from 600, 1e-4 from 800.
     """
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "step":
+        return peak * 0.1 ** sum(step >= round(share * total) for share in STEP_AT)
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
@@ -173,8 +181,7 @@ def evaluate(model: nn.Module, data: Data, batch_size: int = 512,
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=dev)  # (correct, loss sum, images)
-    for x, y in batches(data, False, batch_size, 0, 0, rank, world):
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+    for x, y in batches(data, False, batch_size, 0, 0, rank, world, device=dev):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
@@ -256,11 +263,11 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
             loss_sum, seen, t_epoch = torch.zeros((), device=dev), 0, time.perf_counter()
             # steps of this epoch run before a resume: (mean loss, steps), from the checkpoint
             prior_mean, prior_n = saved.pop("epoch_loss", (0.0, 0)) if first else (0.0, 0)
-            for x, y in batches(data, True, cfg.batch_size, epoch, cfg.seed, rank, world, first):
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            for x, y in batches(data, True, cfg.batch_size, epoch, cfg.seed, rank, world, first,
+                                device=dev):  # uint8 to the device, normalised there
                 if cl:
                     x = x.contiguous(memory_format=torch.channels_last)  # (b, C, H, W)
-                lr = lr_at(step, total, warmup, cfg.lr)
+                lr = lr_at(step, total, warmup, cfg.lr, cfg.schedule)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 with torch.autocast(dev.type, torch.bfloat16, enabled=amp):

@@ -46,6 +46,10 @@ class DataSource:
     data_dir: str | None = None
     download: bool = False
     subset: int | None = None
+    mode: str = "auto"  # auto | memory | stream (see mgrow.data)
+    workers: int | None = None  # streamed sets: loader processes (None: the CPUs, at most 8)
+    input_size: int | None = None  # image folders (None: the bundle's, else 224)
+    stats: str = "imagenet"  # streamed sets: mean/std from ImageNet, or measured on a sample
 
     def load(self, recorded: DatasetSpec | None = None) -> Data:
         """Return the data: the given spec, else the one a bundle recorded (same subset).
@@ -58,13 +62,22 @@ class DataSource:
         if self.spec is None and recorded is None:
             raise MgrowError("no data set: pass --data (the bundle does not record one)")
         spec = self.spec if self.spec is not None else recorded.spec
-        if self.subset is None and self.spec is None:  # the recorded data: same training size
-            data = load_data(spec, self.data_dir, self.download)
-            if recorded.train_size < len(data.train_y):
-                data = load_data(spec, self.data_dir, self.download, recorded.train_size)
-        else:
-            data = load_data(spec, self.data_dir, self.download, self.subset)
+        subset = self.subset
+        if subset is None and self.spec is None:  # the recorded data: same training size
+            full = self._load(spec, None, recorded)
+            if recorded.train_size >= len(full.train_y):
+                return with_normalisation(full, recorded)
+            subset = recorded.train_size
+        data = self._load(spec, subset, recorded)
         return data if recorded is None else with_normalisation(data, recorded)
+
+    def _load(self, spec: str, subset: int | None, recorded: DatasetSpec | None) -> Data:
+        """Return load_data's result; an image folder keeps the input size a bundle recorded."""
+        size = self.input_size
+        if size is None and recorded is not None and spec.startswith("imagefolder:"):
+            size = recorded.input_size
+        return load_data(spec, self.data_dir, self.download, subset, self.mode, size,
+                         self.stats, self.workers)
 
 
 def with_normalisation(data: Data, recorded: DatasetSpec) -> Data:

@@ -32,6 +32,22 @@ def cifar_batch() -> torch.Tensor:
     return (x - MEAN) / STD
 
 
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """An image folder of real photographs (examples/image_folder.py): 120 training and 40
+    validation CIFAR-10 images upscaled to random sizes (shorter side 24-72 px) and aspect
+    ratios (1:2 to 2:1), saved as JPEG in train/CLASS/ and val/CLASS/."""
+    if not CIFAR.exists():
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR}")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("image_folder",
+                                                  ROOT / "examples/image_folder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.make_image_folder(tmp_path_factory.mktemp("photos"), 120, 40, min_side=24,
+                                 max_side=72, cifar=CIFAR)
+
+
 def randomize_norms(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Give every BN layer non-trivial statistics and affine parameters (as after training)."""
     g = torch.Generator().manual_seed(seed)

@@ -202,7 +202,7 @@ def test_npz_folder_grayscale_and_checks(tmp_path):
         load_data(f"npz:{tmp_path}")
 
 
-def test_imagefolder_resizes_to_the_first_image(tmp_path):
+def test_imagefolder_in_memory_at_the_input_size(tmp_path):
     rng = torch.Generator().manual_seed(0)
     sizes = {"train/cat": [(12, 10), (20, 30)], "train/dog": [(16, 16)],
              "val/cat": [(9, 9)], "val/dog": [(40, 40)]}
@@ -212,10 +212,12 @@ def test_imagefolder_resizes_to_the_first_image(tmp_path):
             c = 1 if folder == "train/dog" else 3  # grayscale files are read as RGB
             pixels = torch.randint(0, 256, (h, w, c), dtype=torch.uint8, generator=rng)
             Image.fromarray(pixels.squeeze(2).numpy()).save(tmp_path / folder / f"{n}.png")
-    d = load_data(f"imagefolder:{tmp_path}")
+    d = load_data(f"imagefolder:{tmp_path}", mode="memory", input_size=10)
     assert d.train_x.shape == (3, 3, 10, 10) and d.test_x.shape == (2, 3, 10, 10)
     assert d.train_y.tolist() == [0, 0, 1] and d.test_y.tolist() == [0, 1]
     assert d.spec.num_classes == 2 and d.augment
+    assert load_data(f"imagefolder:{tmp_path}", subset=2, mode="memory",
+                     input_size=10).train_y.tolist() == [0, 1]
     assert load_data(f"imagefolder:{tmp_path}", subset=2).train_y.tolist() == [0, 1]
     (tmp_path / "val/bird").mkdir()
     with pytest.raises(MgrowError, match="classes missing from train/: bird"):

@@ -73,3 +73,31 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path):
     assert base == [p for p in runs["small-plain"]["ledger"]]
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in expected)
+
+
+def test_imagenet_recipe_end_to_end_on_a_photo_folder(image_folder, tmp_path):
+    """`--scale imagenet-tiny`: the ImageNet recipe's code path (resnet50 at half width ->
+    resnet50, streamed image folder, the paper's ImageNet rows) on real photographs."""
+    from mgrow.stream import IMAGENET_MEAN
+    rep = _replicate()
+    out = tmp_path / "imagenet"
+    rep.main(["--scale", "imagenet-tiny", "--out", str(out), "--quiet",
+              "--data", f"imagefolder:{image_folder}"])
+    runs = {r["row"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert tuple(runs) == rep.IMAGENET_ROWS == ("small", "large", "large-match", "random",
+                                                "net2net", "mg")
+    scale = rep.SCALES["imagenet-tiny"]
+    per_epoch = 120 // scale["batch"]
+    step = 1 / per_epoch / scale["epochs"]  # one large-net step, normalised
+    for name in ("random", "net2net", "mg"):
+        assert abs(runs[name]["flops_norm"] - scale["budget"]) <= step + 1e-9, name
+    assert runs["large-match"]["flops_norm"] == pytest.approx(scale["budget"], abs=step)
+    sibling = [p for p in runs["mg"]["ledger"] if p["operation"] == "train-sibling"]
+    assert sibling[0]["images"] == round(scale["point"] * scale["epochs"] * per_epoch) * \
+        scale["batch"]  # the growth point: 0.8 of a full run
+    from mgrow.bundle import load
+    for name, width in (("small", 0.125), ("large", 0.25), ("mg", 0.25)):
+        man = load(out / "seed0" / f"{name}.safetensors").manifest
+        assert (man.arch.name, man.arch.width) == ("resnet50", width)
+        assert man.data.spec == f"imagefolder:{image_folder}"
+        assert (man.data.input_size, man.data.mean) == (32, IMAGENET_MEAN)

@@ -204,8 +204,8 @@ BAD_CHECKPOINTS = {
                      "missing fc.weight"),
     "wrong-shape": (_pth(lambda s: {**s, "conv1.weight": torch.zeros(1, 1, 1, 1)}),
                     r"conv1\.weight is \(1, 1, 1, 1\) not \(16, 1, 3, 3\)"),
-    "wrong-classes": (_pth(lambda s: {**s, "fc.weight": torch.zeros(5, 64)}),
-                      "checkpoint has 5 classes but --num-classes is 10"),
+    "wrong-classes": (_pth(lambda s: {**s, "fc.weight": torch.zeros(5, 64)}),  # classes:
+                      r"fc\.bias is \(10,\) not \(5,\)"),  # the classifier's rows (5)
     "not-a-dict": (_pth(lambda s: torch.zeros(3)), "no state_dict found"),
     "nested-elsewhere": (_pth(lambda s: {"weights": s}), "no state_dict found"),
     "inf-weights": (_pth(lambda s: {**s, "conv1.weight": s["conv1.weight"] / 0}),
