@@ -240,9 +240,9 @@ def fuse(
     from .api import fuse_bundles
     from .phases import DataSource
     path, grown = fuse_bundles(a, b, output, factor=factor, tiling=tiling.value,
-                               init=init.value, method=method.value, seed=seed, noise=noise,
-                               source=DataSource(data, data_dir, False, subset),
-                               batch_size=batch_size, steps=growth_steps, force=force)
+                                 init=init.value, method=method.value, seed=seed, noise=noise,
+                                 source=DataSource(data, data_dir, False, subset),
+                                 batch_size=batch_size, steps=growth_steps, force=force)
     for note in grown.notes[:3]:
         print(f"note: {note}", file=sys.stderr)
     if len(grown.notes) > 3:
@@ -502,16 +502,18 @@ def info(
     _print_ledger(res["ledger"])
 
 
-def _options(options: dict) -> str:
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in options.items() if v is not None)
+def _step(lineage: dict) -> str:
+    """Return 'operation: option value, ...' for one lineage step."""
+    opts = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in lineage["options"].items() if v is not None)
+    return f"{lineage['operation']}: {opts}" if opts else lineage["operation"]
 
 
 def _lineage_tree(tree, lineage: dict) -> None:
     """Add a lineage (earlier history, then the last operation and its parents) to a tree."""
     for h in lineage["history"]:
-        tree.add(f"(earlier) {h['operation']}: {_options(h['options'])}")
-    node = tree.add(f"{lineage['operation']}: {_options(lineage['options'])}")
+        tree.add(f"(earlier) {_step(h)}")
+    node = tree.add(_step(lineage))
     for p in lineage["parents"]:
         where = {"found": f"found at {p.get('found_at')}", "missing": "not found",
                  "changed": "changed since (sha256 differs)"}[p["status"]]

@@ -57,12 +57,6 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return cka_from_grams(centered_gram(x), centered_gram(y))
 
 
-def feature_layers(model: nn.Module) -> list[str]:
-    """Return the names of the layers whose outputs CKA compares (in module order; CKA
-    results list them in the order they run)."""
-    return [name for name, m in model.named_modules() if isinstance(m, FEATURE_LAYERS)]
-
-
 def images(data: Data, n: int) -> torch.Tensor:
     """Return the first n test images of `data`, normalised, as one batch (n, C, H, W)."""
     if n < 2:
