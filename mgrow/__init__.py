@@ -1,7 +1,29 @@
-"""mgrow: grow a trained network into a wider one by recombining its learned templates."""
+"""mgrow: grow a trained network into a wider one by recombining its learned templates.
+
+The Python API (see mgrow.api and README): `mgrow.load`, `mgrow.build_model`,
+`mgrow.train`, `mgrow.train_sibling`, `mgrow.fuse`, `mgrow.finetune`, `mgrow.evaluate`,
+`mgrow.count_flops`, `mgrow.info`, `mgrow.cka`. They are imported on first use, so
+`import mgrow` (and `mgrow --help`) does not load torch.
+"""
 
 __version__ = "0.1.0"
+
+_API = ("Bundle", "DataSource", "Outcome", "TrainConfig", "build_model", "cka", "count_flops",
+        "evaluate", "finetune", "fuse", "info", "load", "train", "train_sibling")
+__all__ = ["MgrowError", "__version__", *_API]
 
 
 class MgrowError(Exception):
     """A problem with the user's input or environment, reported in one line without traceback."""
+
+
+def __getattr__(name: str):
+    """Return an API function or class from mgrow.api, imported on first use."""
+    if name in _API:
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'mgrow' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

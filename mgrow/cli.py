@@ -15,11 +15,24 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from . import MgrowError, __version__
 from . import limits as L
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# `mgrow --help` lists the commands in the order a user runs them
+PIPELINE = ("convert", "train", "train-sibling", "fuse", "finetune", "eval", "flops", "info",
+            "cka", "export")
+
+
+class _Pipeline(TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        """Return the command names in pipeline order (any other command last)."""
+        rank = {name: i for i, name in enumerate(PIPELINE)}
+        return sorted(self.commands, key=lambda name: rank.get(name, len(rank)))
+
+
+app = typer.Typer(cls=_Pipeline, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
                   help="Grow a trained network into a wider one (MixtureGrowth). Every file "
                        "mgrow reads or writes is a safetensors bundle with a manifest.")
@@ -166,8 +179,8 @@ def flops(
     reference_epochs: RefEpochs = 200,
 ):
     """Forward FLOPs (fvcore) per layer, parameter counts and the training-FLOPs ledger."""
-    from .flops import report as flops_report
-    report = flops_report(bundle, input_size, reference_epochs)
+    from .api import count_flops
+    report = count_flops(bundle, reference_epochs, input_size)
     if as_json:
         print(json.dumps(report, indent=1))
         return
@@ -187,7 +200,11 @@ def flops(
     for k, v in report["params"].items():
         params.add_row(k, f"{v:,}")
     out.print(params)
-    led = report["ledger"]
+    _print_ledger(report["ledger"])
+
+
+def _print_ledger(led: dict) -> None:
+    """Print the training-FLOPs ledger table and its base/growth/total line."""
     ledger = Table(title=f"training-FLOPs ledger (1.00X = {led['reference_epochs']:g} epochs "
                    f"of this architecture from scratch = {led['reference_flops']:.3e} FLOPs)")
     for col in ("operation", "stage", "network", "images", "train FLOPs", "norm", "top-1",
@@ -222,7 +239,9 @@ def fuse(
     b: Annotated[Optional[Path], typer.Argument(
         help="Its sibling (member 1). Omit to grow from A alone (MixtureGrowth w/o fusion).",
         show_default=False)] = None,
-    output: Output = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Bundle to write [default: A-grown.safetensors next to A, "
+        "numbered, never overwriting].", show_default=False)] = None,
     factor: Annotated[int, typer.Option("--factor", min=2, max=L.MAX_FACTOR,
                                         help="Growth factor g: every layer g "
                                         "times wider. With m members and g > m, tile row/"
@@ -272,15 +291,13 @@ def fuse(
 
     mixture, random and net2net need no data; gradmax and firefly read a few batches.
     """
-    from .growth import fuse_files
+    from .api import fuse_bundles
     from .phases import DataSource
-    if output is None:
-        raise MgrowError("missing --output/-o: where to write the grown bundle")
-    path, grown = fuse_files(a, b, output, factor=factor, tiling=tiling.value,
-                             init=init.value, method=method.value, seed=seed, noise=noise,
-                             source=DataSource(data, data_dir, False, subset),
-                             batch_size=batch_size, steps=growth_steps,
-                             bn_correct=bn_correct, force=force)
+    path, grown = fuse_bundles(a, b, output, factor=factor, tiling=tiling.value,
+                               init=init.value, method=method.value, seed=seed, noise=noise,
+                               source=DataSource(data, data_dir, False, subset),
+                               batch_size=batch_size, steps=growth_steps,
+                               bn_correct=bn_correct, force=force)
     for note in grown.notes[:3]:
         print(f"note: {note}", file=sys.stderr)
     if len(grown.notes) > 3:
@@ -424,14 +441,13 @@ def train(
     as_json: AsJson = False, force: Force = False,
 ):
     """Train a network from scratch: a first small net, or the Small/Large baselines."""
-    from .phases import train_new
+    from .api import train as run
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
                amp, channels_last, compile_)
-    outcome = train_new(arch, _source(data, data_dir, download, subset, data_mode, workers,
-                                input_size, stats), cfg, output,
-                        mixing=_mixing(templates, sharing, 1, True) if mixed else None,
-                        width=width, norm=norm.value, resume=resume,
-                        progress=_progress(quiet, as_json), force=force)
+    source = _source(data, data_dir, download, subset, data_mode, workers, input_size, stats)
+    outcome = run(arch, output, data=source, config=cfg, width=width, mixed=mixed,
+                  norm=norm.value, templates=templates, sharing=sharing.value, resume=resume,
+                  progress=_progress(quiet, as_json), force=force)
     _report(outcome, as_json)
 
 
@@ -439,7 +455,10 @@ def train(
 def train_sibling(
     small: Annotated[Path, typer.Argument(help="The trained small bundle whose sibling to "
                                           "train.", show_default=False)],
-    epochs: Epochs = None,
+    epochs: Annotated[float, typer.Option(
+        "--epochs", help="Epochs to train the sibling (the growth point times the small "
+        "net's epochs); fractional values train that share of an epoch's steps.",
+        show_default=False)],
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Bundle to write [default: SMALL-sibling.safetensors, "
         "numbered, never overwriting].", show_default=False)] = None,
@@ -459,16 +478,14 @@ def train_sibling(
 ):
     """Train a same-shape sibling of SMALL with fresh, independent templates (for fuse)."""
     from .bundle import load
-    from .phases import train_sibling as run
-    if epochs is None:
-        raise MgrowError("missing --epochs: how long to train the sibling")
+    from .api import train_sibling as run
     if seed is None:
         seed = int(load(small).manifest.lineage.options.get("seed", 0)) + 1
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
                amp, channels_last, compile_)
-    outcome = run(small, _source(data, data_dir, download, subset, data_mode, workers,
-                                input_size, stats), cfg, output,
-                  resume=resume, progress=_progress(quiet, as_json), force=force)
+    source = _source(data, data_dir, download, subset, data_mode, workers, input_size, stats)
+    outcome = run(small, output, data=source, config=cfg, resume=resume,
+                  progress=_progress(quiet, as_json), force=force)
     _report(outcome, as_json)
 
 
@@ -499,17 +516,16 @@ def finetune(
     as_json: AsJson = False, force: Force = False,
 ):
     """Continue training any bundle, typically a grown one (everything trainable)."""
-    from .phases import finetune as run
+    from .api import finetune as run
     if (epochs is None) == (budget is None):
         raise MgrowError("give exactly one of --epochs and --budget")
     _positive("--budget", budget)
     _positive("--reference-epochs", reference_epochs)
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
                amp, channels_last, compile_)
-    outcome = run(bundle, _source(data, data_dir, download, subset, data_mode, workers,
-                                input_size, stats), cfg, output,
-                  budget=budget, reference_epochs=reference_epochs,
-                  bn_recalibrate=bn_recalibrate, resume=resume,
+    source = _source(data, data_dir, download, subset, data_mode, workers, input_size, stats)
+    outcome = run(bundle, output, data=source, config=cfg, budget=budget,
+                  reference_epochs=reference_epochs, bn_recalibrate=bn_recalibrate, resume=resume,
                   progress=_progress(quiet, as_json), force=force)
     from .engine import is_main_process
     if budget is not None and not as_json and is_main_process():
@@ -531,14 +547,123 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ):
     """Top-1 accuracy and loss of a bundle on the test split."""
-    from .phases import evaluate_bundle
-    res = evaluate_bundle(bundle, _source(data, data_dir, download, None, data_mode, workers,
-                                          input_size), device, batch_size)
+    from .api import evaluate as run
+    res = run(bundle, _source(data, data_dir, download, None, data_mode, workers, input_size),
+              device, batch_size)
     if as_json:
         print(json.dumps(res))
     else:
         print(f"{res['bundle']} on {res['data']} ({res['test_images']:,} test images): "
               f"top-1 {100 * res['top1']:.2f}%, loss {res['loss']:.4f}")
+
+
+@app.command()
+def info(
+    bundle: Bundle,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    reference_epochs: RefEpochs = 200,
+):
+    """What a bundle holds: manifest, lineage (parents, operations, options), ledger, parameters."""
+    from .api import info as run
+    _positive("--reference-epochs", reference_epochs)
+    res = run(bundle, reference_epochs)
+    if as_json:
+        print(json.dumps(res, indent=1))
+        return
+    out.print(f"{res['bundle']}: {res['description']}, {res['bytes']:,} bytes, sha256 "
+              f"{res['sha256'][:16]}..., format {res['format_version']}", soft_wrap=True)
+    for key in ("arch", "mixing", "data", "growth"):
+        if res[key] is not None:
+            out.print(f"  {key}: " + ", ".join(f"{k} {v}" for k, v in res[key].items()),
+                      soft_wrap=True, highlight=False)
+    from rich.tree import Tree
+    tree = Tree(f"lineage of {res['bundle']}", highlight=False)
+    _lineage_tree(tree, res["lineage"])
+    out.print(tree)
+    params = Table(title="parameters")
+    params.add_column("kind")
+    params.add_column("count", justify="right")
+    for k, v in res["params"].items():
+        params.add_row(k, f"{v:,}")
+    out.print(params)
+    _print_ledger(res["ledger"])
+
+
+def _step(lineage: dict) -> str:
+    """Return 'operation: option value, ...' for one lineage step."""
+    opts = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in lineage["options"].items() if v is not None)
+    return f"{lineage['operation']}: {opts}" if opts else lineage["operation"]
+
+
+def _lineage_tree(tree, lineage: dict) -> None:
+    """Add a lineage (earlier history, then the last operation and its parents) to a tree."""
+    for h in lineage["history"]:
+        tree.add(f"(earlier) {_step(h)}")
+    node = tree.add(_step(lineage))
+    for p in lineage["parents"]:
+        where = {"found": f"found at {p.get('found_at')}", "missing": "not found",
+                 "changed": "changed since (sha256 differs)"}[p["status"]]
+        child = node.add(f"parent {p['path']} ({p.get('description', '')}"
+                         f"{', ' if 'description' in p else ''}sha256 {p['sha256'][:12]}..., "
+                         f"{where})")
+        if "lineage" in p:
+            _lineage_tree(child, p["lineage"])
+
+
+@app.command()
+def cka(
+    a: Annotated[Path, typer.Argument(help="First bundle (rows of the matrix).",
+                                      show_default=False)],
+    b: Annotated[Path, typer.Argument(help="Second bundle (columns); may be of another "
+                                      "width, e.g. the grown net.", show_default=False)],
+    data: Data = None,
+    images: Annotated[Optional[int], typer.Option(
+        "--images", min=2, max=L.MAX_IMAGES, help="Test images the features are computed on: "
+        "the first N of the test split [default: 512, or the whole split if smaller].",
+        show_default=False)
+    ] = None,
+    device: Device = "cpu",
+    data_dir: DataDir = None,
+    download: Download = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (every layer pair).")
+                       ] = False,
+    png: Annotated[Optional[Path], typer.Option(
+        "--png", help="Also write the layer x layer CKA matrix as a heat map (needs "
+        "matplotlib: the `plot` extra).", show_default=False)] = None,
+    force: Force = False,
+):
+    """Linear CKA between the layers' features of two bundles (the paper's Figs. 4-5)."""
+    from .api import cka as run, write_heatmap
+    if png is not None:
+        from .bundle import check_writable
+        check_writable(png, force)
+    res = run(a, b, _source(data, data_dir, download, None), images, device)
+    matched = res.matched()
+    if png is not None:
+        write_heatmap(res, png, str(a), str(b), force)
+    if as_json:
+        print(json.dumps({"a": str(a), "b": str(b), "images": res.images,
+                          "layers_a": res.layers_a, "layers_b": res.layers_b,
+                          "matrix": res.matrix, "matched": matched,
+                          "png": None if png is None else str(png)}, indent=1))
+        return
+    table = Table(title=f"linear CKA of same-name layers, {a.name} vs {b.name} "
+                  f"({res.images} test images)")
+    table.add_column("layer")
+    table.add_column("CKA", justify="right")
+    table.add_column("best match in B", justify="left")
+    for i, name in enumerate(res.layers_a):
+        row = res.matrix[i]
+        j = max(range(len(row)), key=lambda k: -1 if row[k] != row[k] else row[k])
+        table.add_row(name, "" if name not in matched else f"{matched[name]:.3f}",
+                      f"{res.layers_b[j]} ({row[j]:.3f})")
+    out.print(table)
+    if matched:
+        mean = sum(matched.values()) / len(matched)
+        out.print(f"mean over {len(matched)} same-name layers: {mean:.3f}")
+    if png is not None:
+        out.print(f"wrote {png}")
 
 
 def main() -> None:

@@ -12,15 +12,18 @@
   CPU RNG state, so a resumed run is bit-for-bit the uninterrupted one on the same device.
 - After every epoch: evaluation on the test split, one JSON line in the metrics file
   (truncated by a fresh run; a resumed one drops the lines of epochs after its checkpoint,
-  then appends) and an atomic checkpoint.
+  then appends), the same records as CSV beside it (`OUT.summary.csv`, one row per epoch,
+  timm's convention) and an atomic checkpoint.
 - SIGINT/SIGTERM: the current step finishes, a checkpoint is saved (mid-epoch if need be)
-  and `Interrupted` is raised; a second signal stops at once, keeping the last checkpoint
-  (also `Interrupted`, so still a one-line error).
+  and `Interrupted` is raised (exit status 128 + the signal's number: 130 for Ctrl-C); a
+  second signal stops at once, keeping the last checkpoint (also `Interrupted`, so still a
+  one-line error).
 - A non-finite loss raises MgrowError and leaves the last checkpoint untouched. On CPU it
   is checked every step; on CUDA every SYNC_EVERY steps and at each epoch's end, without a
   host sync in between, and the first bad step is still named exactly.
-- Progress: "bar" (rich, on stderr), "json" (each epoch's metrics record as a line on
-  stdout), "quiet", or a callable given each epoch's record.
+- Progress: "bar" (rich, on stderr; when stderr is not a terminal, one plain line per epoch
+  instead: epoch, loss, accuracy, lr, images/s, ETA), "json" (each epoch's metrics record as
+  a line on stdout), "quiet", or a callable given each epoch's record.
 - Distributed: under torchrun (WORLD_SIZE > 1) the process group is started if needed (nccl
   on CUDA, gloo on CPU) and kept until the process exits, the model wrapped in
   DistributedDataParallel, each rank trains on its slice of every global batch, metrics are
@@ -34,11 +37,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import csv
 import io
 import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -65,7 +70,13 @@ Progress = Union[Literal["bar", "quiet", "json"], Callable[[dict], None]]
 
 
 class Interrupted(MgrowError):
-    """Training stopped by SIGINT or SIGTERM, after saving a checkpoint."""
+    """Training stopped by SIGINT or SIGTERM, after saving a checkpoint; `exit_code` is the
+    shell's 128 + signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signal_name: str | None = None) -> None:
+        super().__init__(message)
+        signum = getattr(signal, signal_name or "", signal.SIGINT)
+        self.exit_code = 128 + int(signum)
 
 
 class TrainConfig(BaseModel):
@@ -325,7 +336,7 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
                             f"continue" if checkpoint is not None
                             else "no checkpoint path was given, so nothing was saved")
                 by = stop.signal or "a signal to another rank"
-                raise Interrupted(f"stopped by {by} at {where}: {saved_to}")
+                raise Interrupted(f"stopped by {by} at {where}: {saved_to}", stop.signal)
         if math.isnan(accuracy):  # resumed from a finished run's checkpoint
             accuracy, loss = evaluate(model, data, device=None, amp=amp, channels_last=cl,
                                       rank=rank, world=world)
@@ -432,8 +443,8 @@ def _stop_on_signals(checkpoint: Path | None = None) -> Iterator[_Stop]:
         kept = (f"the last checkpoint {checkpoint} is intact; run again with --resume to "
                 f"continue from it" if checkpoint is not None and Path(checkpoint).exists()
                 else "no checkpoint had been saved yet")
-        raise Interrupted(f"stopped at once by a second signal ({stop.at_once}): {kept}"
-                          ) from None
+        raise Interrupted(f"stopped at once by a second signal ({stop.at_once}): {kept}",
+                          stop.signal) from None
     finally:
         for s, h in old.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
@@ -548,25 +559,68 @@ def _trim_metrics(path: Path, step: int) -> None:
         keep.append(line)
     if len(keep) < len(lines):
         write_atomic(path, "".join(keep).encode(), force=True)
-
-
-def _write_metrics(path: Path, record: dict | None) -> None:
-    """Append one JSON line to the metrics file; None empties it."""
     try:
-        with open(path, "a" if record is not None else "w") as f:
-            if record is not None:
-                f.write(json.dumps(record) + "\n")
+        _write_summary(path)
     except OSError as e:
         raise MgrowError(f"{path}: cannot write metrics ({e.strerror})") from None
 
 
+SUMMARY_FIELDS = ("epoch", "step", "train_loss", "test_loss", "test_acc", "lr", "images_per_s",
+                  "wall_s")
+
+
+def summary_path(metrics_path: Path) -> Path:
+    """Return the CSV summary beside a metrics file: `OUT.metrics.jsonl` -> `OUT.summary.csv`."""
+    metrics_path = Path(metrics_path)
+    return metrics_path.with_name(metrics_path.name.removesuffix(".jsonl")
+                                  .removesuffix(".metrics") + ".summary.csv")
+
+
+def _write_metrics(path: Path, record: dict | None) -> None:
+    """Append one JSON line to the metrics file (None empties it) and rewrite the CSV summary
+    from it, so the summary always holds exactly the metrics file's epochs, resumes included."""
+    try:
+        with open(path, "a" if record is not None else "w") as f:
+            if record is not None:
+                f.write(json.dumps(record) + "\n")
+        _write_summary(path)
+    except OSError as e:
+        raise MgrowError(f"{path}: cannot write metrics ({e.strerror})") from None
+
+
+def _write_summary(metrics: Path) -> None:
+    """Write the metrics records as CSV (a header, one row per epoch) beside them, whole."""
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line]
+    target = summary_path(metrics)
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, SUMMARY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: "" if r.get(k) is None else r[k] for k in SUMMARY_FIELDS}
+                         for r in rows)
+    os.replace(tmp, target)
+
+
+def epoch_line(record: dict, epochs: float, eta_s: float) -> str:
+    """Return the plain progress line of one epoch's record, for logs (no terminal)."""
+    acc = "-" if record["test_acc"] is None else f"{100 * record['test_acc']:.2f}%"
+    minutes, secs = divmod(max(round(eta_s), 0), 60)
+    eta = f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+    return (f"epoch {record['epoch']:g}/{epochs:g}  loss {record['train_loss']:.4f}  "
+            f"acc {acc}  lr {record['lr']:.4g}  {record['images_per_s']:.0f} img/s  ETA {eta}")
+
+
 class _Reporter:
-    """Shows progress on rank 0: a rich bar (stderr), JSON lines (stdout), a callback or nothing."""
+    """Shows progress on rank 0: a rich bar (stderr; plain lines when stderr is not a
+    terminal), JSON lines (stdout), a callback or nothing."""
 
     def __init__(self, progress: Progress, total: int, step: int) -> None:
         if not callable(progress) and progress not in ("bar", "quiet", "json"):
             raise MgrowError(f"unknown progress mode {progress!r} (bar, quiet or json)")
+        if progress == "bar" and not sys.stderr.isatty():
+            progress = "lines"  # logs of unattended runs: a live bar would be noise
         self.progress, self.total, self.step = progress, total, step
+        self.t0 = time.perf_counter()
         self.bar: Any = None
 
     def __enter__(self) -> _Reporter:
@@ -598,5 +652,10 @@ class _Reporter:
             self.progress(record)
         elif self.progress == "json":
             print(json.dumps(record), flush=True)
+        elif self.progress == "lines":  # ETA: this process's mean time per step so far
+            done = record["step"] - self.step
+            eta = (time.perf_counter() - self.t0) / done * (record["steps"] - record["step"])
+            epochs = record["epoch"] * record["steps"] / record["step"]
+            print(epoch_line(record, epochs, eta), file=sys.stderr, flush=True)
         elif self.bar is not None and record["test_acc"] is not None:
             self.bar.update(self.task, acc=f"{record['test_acc']:.1%}")

@@ -184,14 +184,26 @@ def train_new(arch_name: str, source: DataSource, cfg: TrainConfig, output: Path
     return run_phase(manifest, model, data, cfg, output, "train", "base", **run)
 
 
-def sibling_output(small: Path) -> Path:
-    """Return `<small>-sibling.safetensors`, numbered so as never to overwrite a file."""
-    stem = small.name.removesuffix(".safetensors")
+def free_output(source: Path, tag: str) -> Path:
+    """Return `<source>-<tag>.safetensors` next to source, numbered (`-2`, `-3` ...) so as
+    never to name an existing file."""
+    source = Path(source)
+    stem = source.name.removesuffix(".safetensors")
     for n in range(1, 1000):
-        path = small.with_name(f"{stem}-sibling{'' if n == 1 else f'-{n}'}.safetensors")
+        path = source.with_name(f"{stem}-{tag}{'' if n == 1 else f'-{n}'}.safetensors")
         if not path.exists():
             return path
-    raise MgrowError(f"too many siblings of {small} already")
+    raise MgrowError(f"too many {tag} outputs of {source} already")
+
+
+def sibling_output(small: Path) -> Path:
+    """Return the default sibling output of `small`: `<small>-sibling.safetensors`, numbered."""
+    return free_output(small, "sibling")
+
+
+def grown_output(a: Path) -> Path:
+    """Return the default output of `fuse A`: `<A>-grown.safetensors`, numbered."""
+    return free_output(a, "grown")
 
 
 def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,

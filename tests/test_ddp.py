@@ -275,7 +275,8 @@ def test_only_rank_0_writes_and_reports(launched):
             "f.safetensors", "a64.ckpt", "d.ckpt", "b.ckpt"} <= written
     left = {p.name for p in folder.iterdir()} - {
         "child.py", "rank0.json", "rank1.json", "a.safetensors", "a.safetensors.metrics.jsonl",
-        "f.safetensors", "f.safetensors.metrics.jsonl", "a64.ckpt", "a64.pt", "b.ckpt",
+        "f.safetensors", "f.safetensors.metrics.jsonl", "a.safetensors.summary.csv",
+        "f.safetensors.summary.csv", "a64.ckpt", "a64.pt", "b.ckpt",
         "d.ckpt", "b-resumed.pt"}
     assert not left  # no temporary files, no checkpoint of a finished CLI run
     results = [json.loads(s) for s in stdout.splitlines() if s.startswith('{"output"')]

@@ -247,9 +247,42 @@ def test_fractional_epochs_json_progress_and_amp_note_on_cpu(digits, capsys):
 
 
 def test_bar_progress_goes_to_stderr(digits, capsys):
+    """Not a terminal (here: captured): one plain line per epoch on stderr, no bar."""
     train(_mixed(), digits, TrainConfig(epochs=0.2, batch_size=128), progress="bar")
     out, err = capsys.readouterr()
-    assert out == "" and "2/2" in err
+    assert out == "" and err.startswith("epoch 0.1818/0.1818  loss ") and err.count("\n") == 1
+
+
+BAR_CHILD = """
+from mgrow.arch import build
+from mgrow.data import load_data
+from mgrow.engine import TrainConfig, train
+from mgrow.manifest import ArchSpec, MixingSpec
+model = build(ArchSpec(name="wrn-10-1", in_channels=1, input_size=8), MixingSpec())
+train(model, load_data("digits"), TrainConfig(epochs=0.2, batch_size=128), progress="bar")
+"""
+
+
+def test_bar_progress_on_a_terminal():
+    """stderr a terminal (a real pseudo-terminal): the live rich bar, steps counted."""
+    import os
+    import pty
+    leader, follower = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-c", BAR_CHILD], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:  # read while it runs, so the child never blocks on a full terminal
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child has exited and closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert child.wait(timeout=120) == 0
+    assert b"2/2" in seen and b"\x1b[" in seen and b"loss " in seen
 
 
 CHILD = """

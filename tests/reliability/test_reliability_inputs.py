@@ -113,7 +113,8 @@ BAD_BUNDLES = {
     "nan-weights": (_tensors(_nan_first_bank), "banks.0 holds NaN or infinite values"),
 }
 
-# Every command that reads a bundle, with BAD standing for the bad file; all write to -o.
+# Every command that reads a bundle, with BAD standing for the bad file (GOOD for the valid
+# one); those that write do so to -o, or next to GOOD.
 COMMANDS = {
     "eval": ("eval", "BAD"),
     "flops": ("flops", "BAD"),
@@ -122,6 +123,10 @@ COMMANDS = {
     "fuse-b": ("fuse", "GOOD", "BAD", "-o", "out.safetensors"),
     "finetune": ("finetune", "BAD", "--epochs", "1", "-o", "out.safetensors"),
     "train-sibling": ("train-sibling", "BAD", "--epochs", "1", "-o", "out.safetensors"),
+    "fuse-default-output": ("fuse", "GOOD", "BAD"),  # would write next to GOOD: nothing may
+    "info": ("info", "BAD"),
+    "cka-a": ("cka", "BAD", "GOOD"),
+    "cka-b": ("cka", "GOOD", "BAD"),
 }
 
 

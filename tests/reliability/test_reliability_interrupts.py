@@ -53,8 +53,12 @@ def assert_same_weights(path: Path, reference: dict[str, torch.Tensor]) -> None:
 
 
 def metrics_steps(folder: Path) -> list[int]:
+    """Return the steps of the metrics lines, checking the CSV summary has the same rows."""
     lines = (folder / "out.safetensors.metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines]
+    steps = [json.loads(line)["step"] for line in lines]
+    summary = (folder / "out.safetensors.summary.csv").read_text().splitlines()[1:]
+    assert [int(row.split(",")[1]) for row in summary] == steps
+    return steps
 
 
 def checkpoint(folder: Path) -> dict:
@@ -97,6 +101,7 @@ def test_signal_then_resume(tmp_path, reference, signals, kind):
                    r"checkpoint out.safetensors.ckpt is intact; run again with --resume to "
                    r"continue from it")
     assert_one_line_error(run, message)
+    assert run.rc == 128 + getattr(signal, signals[0])  # the shell's code: 130 for Ctrl-C
     assert not (tmp_path / "out.safetensors").exists() and temps(tmp_path) == []
     step = checkpoint(tmp_path)["step"]
     assert 0 < step < STEPS
@@ -108,8 +113,8 @@ def test_signal_then_resume(tmp_path, reference, signals, kind):
     run = kind([*ARGS, "--resume"], tmp_path).finish()
     assert run.rc == 0, run.err
     assert_same_weights(tmp_path / "out.safetensors", reference)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors",
-                                                          "out.safetensors.metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "out.safetensors", "out.safetensors.metrics.jsonl", "out.safetensors.summary.csv"]
     assert metrics_steps(tmp_path) == list(range(4, STEPS + 1, 4))
 
 
@@ -154,8 +159,8 @@ def test_sigkill_at_varying_moments_then_resume(tmp_path, reference):
     assert run.rc == 0, run.err
     assert_same_weights(tmp_path / "out.safetensors", reference)
     assert temps(tmp_path) == [], "stale temporary files were left behind"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors",
-                                                          "out.safetensors.metrics.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "out.safetensors", "out.safetensors.metrics.jsonl", "out.safetensors.summary.csv"]
     assert metrics_steps(tmp_path) == list(range(4, STEPS + 1, 4))
 
 

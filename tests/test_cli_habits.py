@@ -1,0 +1,100 @@
+"""CLI habits users bring along: fuse's default output, required options marked in --help,
+commands in pipeline order, shell completion, plain per-epoch log lines when stderr is not a
+terminal and timm's OUT.summary.csv beside the metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+from conftest import make_bundle, run_cli
+
+from mgrow.cli import PIPELINE, app
+from mgrow.manifest import ArchSpec
+
+
+def test_fuse_without_output_writes_a_new_name_next_to_a(tmp_path):
+    """Default output A-grown.safetensors beside A (not in the working folder), then
+    A-grown-2: an existing file is never overwritten."""
+    arch = ArchSpec(name="wrn-10-1", width=0.5, num_classes=10, in_channels=1, input_size=8)
+    folder = tmp_path / "nets"
+    folder.mkdir()
+    make_bundle(folder / "a.safetensors", arch, seed=0)
+    make_bundle(folder / "b.safetensors", arch, seed=1)
+    work = tmp_path / "work"
+    work.mkdir()
+    first = run_cli("fuse", folder / "a.safetensors", folder / "b.safetensors", cwd=work)
+    assert first.returncode == 0, first.stderr
+    grown = folder / "a-grown.safetensors"
+    assert f"wrote {grown}" in first.stdout
+    before = grown.read_bytes()
+    second = run_cli("fuse", folder / "a.safetensors", "--init", "zero", cwd=work)
+    assert second.returncode == 0, second.stderr
+    assert grown.read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "a-grown-2.safetensors", "a-grown.safetensors", "a.safetensors", "b.safetensors"]
+    assert list(work.iterdir()) == []
+
+
+def _help(*args: str) -> str:
+    res = run_cli(*args, "--help")
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_help_lists_commands_in_pipeline_order_and_marks_required_options():
+    assert set(PIPELINE) == {c.name or c.callback.__name__ for c in app.registered_commands}
+    listing = _help().split("Commands:")[1]
+    assert re.findall(r"^  (\S+)", listing, re.M) == list(PIPELINE)
+    sibling = " ".join(_help("train-sibling").split())
+    assert re.search(r"--epochs <float> .*?\[required\]", sibling)
+    assert not re.search(r"-o, --output <path> [^[]*\[required\]", sibling)
+    fuse = " ".join(_help("fuse").split())
+    assert "[required]" not in fuse.split("Options:")[1]  # -o has a default now
+    train = " ".join(_help("train").split())
+    assert re.search(r"--arch <str> .*?\[required\]", train)
+    assert re.search(r"-o, --output <path> .*?\[required\]", train)
+
+
+def test_shell_completion_is_on():
+    """Typer's completion: the root has --install-completion, and the completion protocol
+    answers with the matching command names."""
+    assert "--install-completion" in _help()
+    env = {**os.environ, "_MGROW_COMPLETE": "complete_bash", "COMP_WORDS": "mgrow train",
+           "COMP_CWORD": "1"}
+    res = subprocess.run([sys.executable, "-c", "from mgrow.cli import main; main()"],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["train", "train-sibling"]
+
+
+LINE = re.compile(r"epoch (\d+)/3  loss (\d+\.\d{4})  acc (\d+\.\d\d)%  lr (\S+)  (\d+) img/s  "
+                  r"ETA \d+:\d\d:\d\d")
+
+
+def test_unattended_log_lines_and_summary_csv(tmp_path):
+    """stderr not a terminal: one plain line per epoch (no bar, no escape codes) whose
+    numbers are the metrics records'; OUT.summary.csv has one row per epoch, the same."""
+    res = run_cli("train", "--arch", "wrn-10-1", "--data", "digits", "--subset", "64",
+                  "--batch-size", "16", "--epochs", "3", "-o", "out.safetensors", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 3 and "\x1b" not in res.stderr and "\r" not in res.stderr
+    records = [json.loads(s) for s in
+               (tmp_path / "out.safetensors.metrics.jsonl").read_text().splitlines()]
+    for n, (line, rec) in enumerate(zip(lines, records), 1):
+        m = LINE.fullmatch(line)
+        assert m, line
+        assert int(m[1]) == n and float(m[2]) == round(rec["train_loss"], 4)
+        assert float(m[3]) == round(100 * rec["test_acc"], 2)
+    with open(tmp_path / "out.safetensors.summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["epoch", "step", "train_loss", "test_loss", "test_acc", "lr",
+                             "images_per_s", "wall_s"]
+    assert [int(r["step"]) for r in rows] == [4, 8, 12]
+    for row, rec in zip(rows, records):
+        assert all(float(row[k]) == rec[k] for k in row)
