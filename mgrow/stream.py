@@ -29,11 +29,13 @@ at the batch that decodes it, in one line naming the file.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import os
 import signal
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,14 +288,38 @@ class StreamData:
             pin_memory=device is not None and device.type == "cuda",
             generator=torch.Generator(),  # never draws from (or moves) the global torch RNG
             prefetch_factor=4 if self.workers else None, worker_init_fn=_worker_start)
+        it = iter(loader)
+        _LIVE.add(it)
         try:
-            for x, y in loader:  # (b, 3, S, S) uint8 or float32, (b,) int64
+            for x, y in it:  # (b, 3, S, S) uint8 or float32, (b,) int64
                 if to_device:
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     x = normalise(x, self.spec)
                 yield x, y
         except BadImage as e:  # from a worker: the first line of its traceback is not ours
             raise BadImage(_own_message(e)) from None
+        finally:  # now, not when a traceback that holds the iterator is collected
+            _shut_down(it)
+
+
+# Live loader iterators. Workers ignore SIGTERM (below), so multiprocessing's exit handler,
+# which terminates and then joins daemon children, would wait forever for the workers of an
+# iterator still alive at exit (a traceback holding its frame): stop them first.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shut_down(it: object) -> None:
+    """Stop a DataLoader iterator's workers (sent their end marker and joined)."""
+    _LIVE.discard(it)
+    stop = getattr(it, "_shutdown_workers", None)  # torch's own clean-up (also run by __del__)
+    if stop is not None:
+        stop()
+
+
+@atexit.register  # registered after multiprocessing's handler, so it runs before it
+def _shut_down_all() -> None:
+    for it in list(_LIVE):
+        _shut_down(it)
 
 
 def _stack(items: list[tuple[torch.Tensor, int]], spec: DatasetSpec | None = None
