@@ -138,7 +138,8 @@ def test_second_writer_is_refused_at_once(tmp_path):
     ck = torch.load(io.BytesIO((tmp_path / CKPT).read_bytes()), weights_only=True)
     assert steps == list(range(4, ck["step"] + 1, 4)) and len(steps) >= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "good.safetensors", CKPT, "out.safetensors.metrics.jsonl"]
+        "good.safetensors", CKPT, "out.safetensors.metrics.jsonl",
+        "out.safetensors.summary.csv"]
 
 
 def test_cleanup_spares_a_live_writers_temporary_file(tmp_path):
