@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# What growth buys, in about 5 minutes on 2 CPU cores: train a small template-mixed net,
-# train its sibling, fuse both into a 2x wider net, finetune it to a FLOPs budget, and set
-# it side by side with the small net it started from and with Large Match (the wide net
-# trained from scratch for the same growth budget).
+# What growth buys, in minutes on 2 CPU cores (README gives the measured time): train a
+# small template-mixed net, train its sibling, fuse both into a 2x wider net, finetune it
+# to a FLOPs budget, and set it side by side with the small net it started from and with
+# Large Match (the wide net trained from scratch for the same growth budget).
 #
 # Data: CIFAR-10 in the npz layout when it is found ($MGROW_CIFAR10, else ../shared/data/
 # cifar10 next to the repository, as in CI): 4,000 class-balanced training images, all
