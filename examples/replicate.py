@@ -38,7 +38,10 @@ Growth rows spend the same budget B (growth FLOPs / one large run, from the ledg
 sibling plus the finetune) with one post-growth rule for all (the scale's `rule`: peak lr,
 BN handling; `finetune`'s defaults otherwise).
 Finished runs are not rerun (delete a bundle to redo it) and interrupted ones resume from
-their checkpoints; every seed of the main table runs before the ablations. Outputs in
+their checkpoints; rows already in --out's results.json are kept even where their bundles
+are gone (a committed results.json lets a run that spans sessions and machines go on
+where it stopped; a later row retrains what it needs, with the same seeds); every seed of
+the main table runs before the ablations. Outputs in
 --out: results.json (every run: accuracies and ledger), results.md (mean +- std per
 row) and, with matplotlib, accuracy_vs_flops.png.
 """
@@ -261,7 +264,8 @@ class Runner:
             else list(man.phases)
         start = "small-plain" if name in ("mg-converted", "random-plain",
                                           "net2net-plain") else "small"
-        return {"row": name, "seed": self.seed, "top1": self.eval(path),
+        return {"row": name, "seed": self.seed, "date": datetime.date.today().isoformat(),
+                "top1": self.eval(path),
                 "top1_at_growth": at_growth, "start_top1": self.eval(self.path(start))
                 if at_growth is not None else None, "commit": commit_of(path),
                 "flops_norm": sum(p.train_flops for p in charged) / ref,
@@ -408,17 +412,33 @@ def main(argv: list[str] | None = None) -> None:
     stages = {"main": [main_rows], "paper": [main_rows, extra],
               "all": [main_rows, extra, points]}.get(
         a.rows, [tuple(a.rows.split(","))])
-    runs = []
+    # rows recorded in --out's results.json (say, committed by an earlier session on another
+    # machine) are kept and not rerun: a long replica continues across machines row by row
+    runs = recorded_runs(a.out / "results.json", a.scale)
     for names in stages:  # every seed of the main table first, then the ablations
         for seed in range(a.seeds):
             runner = Runner(a.out / f"seed{seed}", scale, seed, load_spec(a.data), a.quiet)
             for name in names:
-                if a.report_only and not runner.path(name).exists():
+                if (seed, name) in runs and not runner.path(name).exists() or (
+                        a.report_only and not runner.path(name).exists()):
                     continue
                 print(f"[seed {seed}] {name}", file=sys.stderr, flush=True)
-                runs.append(runner.row(name))
-                write_results(a, scale, runs)  # after every row: a stopped run still reports
-    print((a.out / "results.md").read_text())
+                runs[seed, name] = runner.row(name)
+                write_results(a, scale, list(runs.values()))  # after every row
+    if runs:
+        write_results(a, scale, list(runs.values()))
+    print((a.out / "results.md").read_text() if runs else "no rows finished yet")
+
+
+def recorded_runs(path: Path, scale: str) -> dict[tuple[int, str], dict]:
+    """Return the runs an earlier invocation recorded in `path`, by (seed, row)."""
+    if not path.exists():
+        return {}
+    recorded = json.loads(path.read_text())
+    if recorded["meta"]["scale"] != scale:
+        sys.exit(f"error: {path} holds scale {recorded['meta']['scale']!r}, not {scale!r}: "
+                 "choose another --out")
+    return {(r["seed"], r["row"]): r for r in recorded["runs"]}
 
 
 def current_commit() -> str:
@@ -470,7 +490,9 @@ def write_results(a: argparse.Namespace, scale: dict, runs: list[dict]) -> None:
               f"{scale['point']}, BN {scale.get('norm', 'every')}, post-growth rule "
               f"{scale.get('rule', RULE)}; seeds: {sorted({r['seed'] for r in runs})}; the data's "
               f"whole test split. "
-              f"{meta['date']}, commit {commit}, {meta['machine']}.")
+              f"Runs dated {', '.join(sorted({r.get('date', meta['date']) for r in runs}))}, "
+              f"commits {', '.join(sorted({r['commit'] for r in runs}))}; written "
+              f"{meta['date']} at {commit}, {meta['machine']}.")
     (a.out / "results.md").write_text(header + "\n\n" + table + "\n")
     plot(runs, a.out / "accuracy_vs_flops.png")
 

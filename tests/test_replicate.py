@@ -73,6 +73,16 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path):
     assert base == [p for p in runs["small-plain"]["ledger"]]
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in expected)
+    # a later session on a fresh machine (bundles gone, results.json committed) keeps the
+    # recorded rows, retrains none of them, and loses none of those it does not revisit
+    for f in (out / "seed0").iterdir():
+        f.unlink()
+    rep.main(["--scale", "tiny", "--rows", "small,mg", "--out", str(out), "--quiet",
+              "--data", f"npz:{tiny_cifar}"])
+    assert not list((out / "seed0").iterdir())
+    assert json.loads((out / "results.json").read_text())["runs"] == result["runs"]
+    with pytest.raises(SystemExit, match="holds scale 'tiny'"):
+        rep.main(["--scale", "cpu", "--out", str(out), "--report-only"])
 
 
 def test_imagenet_recipe_end_to_end_on_a_photo_folder(image_folder, tmp_path):
