@@ -6,17 +6,20 @@
 #
 # Data: CIFAR-10 in the npz layout when it is found ($MGROW_CIFAR10, else ../shared/data/
 # cifar10 next to the repository, as in CI): 4,000 class-balanced training images, all
-# 10,000 test images, WRN-10-2 at half width grown to WRN-10-2, E = 15 epochs. Otherwise
+# 10,000 test images, WRN-10-2 at half width grown to WRN-10-2, E = 8 epochs. Otherwise
 # the built-in digits (WRN-10-2 at width 0.25 grown to 0.5, E = 30): the pipeline runs in
 # under a minute, but digits is too easy for the comparison to mean much (every net gets
 # all but a few of the 360 test images right).
 # Usage: bash examples/quickstart.sh [OUT_DIR]   (default: runs/quickstart; rerun = fresh)
+# $MGROW_QUICKSTART_SUBSET and $MGROW_QUICKSTART_EPOCHS change the CIFAR-10 path's 4,000
+# images and E = 8 (the test suite runs the script on a tiny folder that way).
 set -euo pipefail
 out=${1:-runs/quickstart}
 rm -rf "$out" && mkdir -p "$out"
 cifar=${MGROW_CIFAR10:-$(cd "$(dirname "$0")/.." && pwd)/../shared/data/cifar10}
 if [ -f "$cifar/test.npz" ]; then
-  data=(--data "npz:$cifar" --subset 4000); E=15; width=0.5; wide=1
+  data=(--data "npz:$cifar" --subset "${MGROW_QUICKSTART_SUBSET:-4000}")
+  E=${MGROW_QUICKSTART_EPOCHS:-8}; width=0.5; wide=1
 else
   echo "(no CIFAR-10 npz folder at $cifar: using the built-in digits; set MGROW_CIFAR10)"
   data=(--data digits); E=30; width=0.25; wide=0.5

@@ -113,7 +113,8 @@ def epochs_for_budget(manifest: Manifest, budget: float,
     """Return the epochs of training that bring the growth FLOPs to `budget` x reference.
 
     The reference is the recorded training-set size; an epoch of the run being planned
-    has `train_size` images (default: the recorded size).
+    trains `train_size` images (default: the recorded size; the engine trains whole
+    batches only, so pass the images of those).
 
     Worked example: a grown net whose sibling spent 0.10X, with budget 0.45X and the
     paper's 200 reference epochs, gets (0.45 - 0.10) x 200 = 70 epochs.

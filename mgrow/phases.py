@@ -22,7 +22,7 @@ from torch import nn
 from . import MgrowError
 from .arch import build, check_name
 from .bundle import check_writable, load, save_model, writer_lock
-from .data import Data, load_data
+from .data import Data, load_data, steps_per_epoch
 from .engine import (Progress, TrainConfig, TrainResult, barrier, evaluate, is_main_process,
                      resolve_device, train)
 from .flops import epochs_for_budget, forward_flops
@@ -244,9 +244,10 @@ def finetune(path: Path, source: DataSource, cfg: TrainConfig, output: Path, *,
     model = bundle.model()
     if bn_recalibrate:
         man = man.with_phase(_recalibrate(man, model, data, cfg, bn_recalibrate, stage))
-    if budget is not None:
+    if budget is not None:  # an epoch trains only whole batches: count those images
         cfg = cfg.model_copy(update={"epochs": epochs_for_budget(
-            man, budget, reference_epochs, train_size=len(data.train_y))})
+            man, budget, reference_epochs,
+            train_size=steps_per_epoch(data, cfg.batch_size) * cfg.batch_size)})
     options = {"seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
                "batch_size": cfg.batch_size, "budget": budget, "data": data.spec.spec,
                "train_size": len(data.train_y), "bn_recalibrate": bn_recalibrate}

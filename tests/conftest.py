@@ -33,6 +33,20 @@ def cifar_batch() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory) -> Path:
+    """A real CIFAR-10 folder of 300 training and 200 test images (npz layout)."""
+    if not CIFAR.exists():
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR}")
+    d = tmp_path_factory.mktemp("tiny_cifar")
+    with np.load(CIFAR / "train_1.npz") as f:
+        np.savez(d / "train_1.npz", images=f["images"][:300], labels=f["labels"][:300])
+    with np.load(CIFAR / "test.npz") as f:
+        pick = np.arange(0, 10000, 50)  # 20 per class
+        np.savez(d / "test.npz", images=f["images"][pick], labels=f["labels"][pick])
+    return d
+
+
+@pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     """An image folder of real photographs (examples/image_folder.py): 120 training and 40
     validation CIFAR-10 images upscaled to random sizes (shorter side 24-72 px) and aspect

@@ -64,3 +64,17 @@ def test_budget_counts_the_images_actually_used(subset_bundle, tmp_path):
     ref = reference_flops(load(grown).manifest, 10)  # 10 epochs of the recorded 200 images
     step = 50 / 200 / 10  # one step of 50 images, normalised
     assert spent / ref == pytest.approx(0.3, abs=step)
+
+
+@pytest.mark.parametrize("batch", [30, 120])
+def test_budget_counts_whole_batches_only(subset_bundle, tmp_path, batch):
+    """An epoch trains only whole batches (200 images at batch 120: one step, 120 images):
+    the budget is met within half a step however much of the last batch is dropped."""
+    grown = tmp_path / "grown.safetensors"
+    fuse_files(subset_bundle, None, grown)
+    out = tmp_path / "ft.safetensors"
+    cfg = CFG.model_copy(update={"batch_size": batch})
+    finetune(grown, DataSource(), cfg, out, budget=1.0, reference_epochs=3, progress="quiet")
+    spent = sum(p.train_flops for p in load(out).manifest.phases if p.stage == "growth")
+    ref = reference_flops(load(grown).manifest, 3)  # 3 epochs of the recorded 200 images
+    assert spent / ref == pytest.approx(1.0, abs=batch / 200 / 3 / 2 + 1e-9)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 
-import numpy as np
 import pytest
 
-from conftest import CIFAR, ROOT
+from conftest import ROOT
 
 
 def _replicate():
@@ -16,18 +15,6 @@ def _replicate():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory):
-    """A real CIFAR-10 folder of 300 training and 200 test images (npz layout)."""
-    d = tmp_path_factory.mktemp("tiny_cifar")
-    with np.load(CIFAR / "train_1.npz") as f:
-        np.savez(d / "train_1.npz", images=f["images"][:300], labels=f["labels"][:300])
-    with np.load(CIFAR / "test.npz") as f:
-        pick = np.arange(0, 10000, 50)  # 20 per class
-        np.savez(d / "test.npz", images=f["images"][pick], labels=f["labels"][pick])
-    return d
 
 
 def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path):

@@ -8,6 +8,7 @@ fuses them and finetunes the grown net to a budget (about 10 s on one core); the
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -229,3 +230,27 @@ def test_cka_png_and_refusals(example, tmp_path):
     assert res.returncode != 0
     assert res.stderr.strip() == ("mgrow: error: --images 1000 exceeds the 360 test images "
                                   "of digits")
+
+
+def test_quickstart_compares_at_one_budget(tiny_cifar, tmp_path):
+    """README's main job, on a tiny real CIFAR-10 folder: every phase runs, the four nets
+    are shown side by side, and the growth rows spend the 0.45X budget (from the ledger)."""
+    env = {**os.environ, "MGROW_CIFAR10": str(tiny_cifar), "MGROW_QUICKSTART_SUBSET": "300",
+           "MGROW_QUICKSTART_EPOCHS": "4",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = tmp_path / "qs"
+    r = subprocess.run(["bash", str(ROOT / "examples/quickstart.sh"), str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "built-in digits" not in r.stdout  # it took the CIFAR-10 path
+    shown = dict(re.findall(r"^(small net|grown, right|grown \+ finetune|Large Match).*?"
+                            r"top-1 (\d+\.\d+)%", r.stdout, re.M))
+    assert set(shown) == {"small net", "grown, right", "grown + finetune", "Large Match"}
+    finetuned = re.search(r"final\.safetensors: top-1 (\d+\.\d+)%", r.stdout).group(1)
+    assert shown["grown + finetune"] == finetuned  # eval agrees with the run's own figure
+    step = 64 / 300 / 4  # one wide-net step, as a share of the 1.00X reference
+    growth = float(re.search(r"growth: (\d+\.\d+)X", r.stdout).group(1))
+    assert abs(growth - 0.45) <= step, growth
+    phases = mgrow.load(out / "final.safetensors").manifest.phases
+    assert [p.operation for p in phases] == ["train", "train-sibling", "finetune"]
+    assert mgrow.load(out / "large-match.safetensors").manifest.arch.width == 1
