@@ -194,6 +194,11 @@ def flops(
                       f"{100 * row['flops'] / total:.1f}%", f"{row['params']:,}")
     table.add_row("total", "", f"{total:,}", "100%", "", style="bold")
     out.print(table)
+    _print_params_and_ledger(report)
+
+
+def _print_params_and_ledger(report: dict) -> None:
+    """Print a report's parameter counts by kind, then its training-FLOPs ledger."""
     params = Table(title="parameters")
     params.add_column("kind")
     params.add_column("count", justify="right")
@@ -580,13 +585,7 @@ def info(
     tree = Tree(f"lineage of {res['bundle']}", highlight=False)
     _lineage_tree(tree, res["lineage"])
     out.print(tree)
-    params = Table(title="parameters")
-    params.add_column("kind")
-    params.add_column("count", justify="right")
-    for k, v in res["params"].items():
-        params.add_row(k, f"{v:,}")
-    out.print(params)
-    _print_ledger(res["ledger"])
+    _print_params_and_ledger(res)
 
 
 def _step(lineage: dict) -> str:

@@ -268,14 +268,9 @@ def _imagefolder(spec: str, root: Path, subset: int | None, input_size: int | No
                  workers: int | None) -> tuple:
     """Return (train_x, train_y, test_x, test_y, num_classes) of an imagefolder: tree decoded
     into memory, every image through the streamed path's eval view (Resize + CenterCrop)."""
-    from .stream import DEFAULT_SIZE, Split, decode, default_workers, eval_view, list_folder, scan
+    from .stream import DEFAULT_SIZE, cut, decode, default_workers, eval_view, list_folder, scan
     classes, train, test = list_folder(root)
-    if subset is not None:
-        if subset > len(train.files):
-            raise MgrowError(f"--subset {subset} exceeds the {len(train.files)} training images "
-                             f"of {spec}")
-        keep = balanced_subset(train.labels, subset)
-        train = Split(train.files[keep.numpy()], train.labels[keep])
+    train = cut(train, subset, spec, balanced_subset)
     size = input_size or DEFAULT_SIZE
     out = []
     for split, where in ((train, "training split"), (test, "test split")):

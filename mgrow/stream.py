@@ -372,6 +372,19 @@ def measure_stats(root: Path, split: Split, size: int, workers: int
     return channel_stats(x)
 
 
+def cut(split: Split, subset: int | None, spec: str,
+        pick: Callable[[torch.Tensor, int], torch.Tensor]) -> Split:
+    """Return `split` cut to the `subset` images `pick(labels, subset)` chooses (all when
+    None); more than it holds is refused."""
+    if subset is None:
+        return split
+    if subset > len(split.files):
+        raise MgrowError(f"--subset {subset} exceeds the {len(split.files)} training images "
+                         f"of {spec}")
+    keep = pick(split.labels, subset)
+    return Split(split.files[keep.numpy()], split.labels[keep])
+
+
 def load_folder(spec: str, root: Path, subset: int | None, input_size: int | None,
                 stats: str, workers: int | None,
                 subset_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> StreamData:
@@ -384,12 +397,7 @@ def load_folder(spec: str, root: Path, subset: int | None, input_size: int | Non
     workers = default_workers() if workers is None else workers
     size = input_size or DEFAULT_SIZE
     classes, train, test = list_folder(root)
-    if subset is not None:
-        if subset > len(train.files):
-            raise MgrowError(f"--subset {subset} exceeds the {len(train.files)} training "
-                             f"images of {spec}")
-        keep = subset_fn(train.labels, subset)
-        train = Split(train.files[keep.numpy()], train.labels[keep])
+    train = cut(train, subset, spec, subset_fn)
     if not len(test.files):
         raise MgrowError(f"{spec}: the training and test splits must both hold images")
     for split, where in ((train, "training split"), (test, "test split")):
