@@ -82,9 +82,11 @@ SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, 
                      point=0.8),
     "gpu": dict(arch="wrn-28-10", subset=None, epochs=200, batch=128, budget=0.45, point=0.8),
     # v2 (issue 11): banks shared by pairs (2 blocks a stage), BN per block as in the paper,
-    # every training image; sized by `--estimate` to under 2 hours a seed of the main table
-    # on 2 idle cores
-    "cpu-v2": dict(arch="wrn-16-2", norm="block", subset=None, epochs=5, batch=128,
+    # every training image, a net narrow enough to be capacity-bound within E = 15 epochs
+    # (width must matter: WRN-16-2 at E = 5 gave Large 80.06 < Small Match 80.79, seed 0,
+    # examples/results/cpu-v2-wrn16-2-e5-2026-11-28); about 2 hours a seed of the main
+    # table on 2 idle cores (`--estimate`)
+    "cpu-v2": dict(arch="wrn-16-1", norm="block", subset=None, epochs=15, batch=128,
                    budget=0.45, point=0.8, rule=dict(RULE, bn_correct=True, bn_recalibrate=20)),
     # the paper's ImageNet recipe: ResNet-50 x0.5 -> ResNet-50, 90 epochs, batch 256, lr 0.1
     # decayed 0.1x at epochs 30, 60, 80 (each phase's run decays at those shares of its own
@@ -289,7 +291,8 @@ def estimate(scale: dict, data: str, steps: int = 3) -> dict[str, float]:
     norm = scale.get("norm", "every")
     small, large = (ArchSpec(name=scale["arch"], width=w, norm=norm) for w in (0.5, 1.0))
     fresh = [Bundle(Manifest(arch=small, mixing=MixingSpec(), lineage=Lineage(operation="init")),
-                    build(small, MixingSpec(), seed=s).state_dict(), Path("x"), "") for s in (1, 2)]
+                    build(small, MixingSpec(), seed=s).state_dict(), Path("x"), "0" * 64)
+             for s in (1, 2)]  # (a valid sha256 for the lineage; nothing is written)
     grown = fuse(fresh)
     nets = {"small": build(small, MixingSpec()), "small-plain": build(small),
             "large": build(large), "grown": Bundle(grown.manifest, grown.tensors, Path("g"),
@@ -434,11 +437,16 @@ def recorded_runs(path: Path, scale: str) -> dict[tuple[int, str], dict]:
     """Return the runs an earlier invocation recorded in `path`, by (seed, row)."""
     if not path.exists():
         return {}
-    recorded = json.loads(path.read_text())
-    if recorded["meta"]["scale"] != scale:
-        sys.exit(f"error: {path} holds scale {recorded['meta']['scale']!r}, not {scale!r}: "
+    meta = json.loads(path.read_text())["meta"]
+    if meta["scale"] != scale:
+        sys.exit(f"error: {path} holds scale {meta['scale']!r}, not {scale!r}: "
                  "choose another --out")
-    return {(r["seed"], r["row"]): r for r in recorded["runs"]}
+    changed = [k for k, v in SCALES[scale].items() if meta.get(k) != v]
+    if changed:  # the scale was redefined since: its rows are not comparable
+        sys.exit(f"error: {path} holds scale {scale!r} with other settings ("
+                 + ", ".join(f"{k} {meta.get(k)!r}, now {SCALES[scale][k]!r}" for k in changed)
+                 + "): choose another --out")
+    return {(r["seed"], r["row"]): r for r in json.loads(path.read_text())["runs"]}
 
 
 def current_commit() -> str:

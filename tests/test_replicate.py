@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -17,7 +18,7 @@ def _replicate():
     return mod
 
 
-def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path):
+def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
     rep = _replicate()
     out = tmp_path / "rep"
     rep.main(["--scale", "tiny", "--rows", "all", "--out", str(out), "--quiet",
@@ -70,6 +71,15 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path):
     assert json.loads((out / "results.json").read_text())["runs"] == result["runs"]
     with pytest.raises(SystemExit, match="holds scale 'tiny'"):
         rep.main(["--scale", "cpu", "--out", str(out), "--report-only"])
+    rep.main(["--scale", "tiny", "--estimate", "--data", f"npz:{tiny_cifar}"])
+    hours = capsys.readouterr().out
+    assert all(re.search(rf"^{name} +\d+\.\d min$", hours, re.M) for name in rep.MAIN)
+    rep.SCALES["tiny"]["epochs"] = 2  # the scale redefined: its old rows are not reused
+    try:
+        with pytest.raises(SystemExit, match="other settings .epochs 1, now 2"):
+            rep.main(["--scale", "tiny", "--out", str(out), "--report-only"])
+    finally:
+        rep.SCALES["tiny"]["epochs"] = 1
 
 
 def test_imagenet_recipe_end_to_end_on_a_photo_folder(image_folder, tmp_path):
