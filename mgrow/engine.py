@@ -469,7 +469,7 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
 RESUME_OPTIONS = {"--epochs": "epochs", "--lr": "lr", "--seed": "seed",
                   "--batch-size": "batch_size", "--warmup": "warmup_epochs",
                   "--weight-decay": "weight_decay", "--label-smoothing": "label_smoothing",
-                  "momentum": "momentum", "nesterov": "nesterov"}
+                  "momentum": "momentum", "nesterov": "nesterov", "schedule": "schedule"}
 
 
 def data_identity(data: Data) -> str:
@@ -491,7 +491,8 @@ def _check_same_run(path: Path, ck: dict, cfg: TrainConfig, data: Data) -> None:
     """Raise MgrowError naming every option in which this run differs from the checkpoint's.
 
     A checkpoint written before the record existed (mgrow 0.1.0) is checked on the batch
-    size and the training-set size only, as it was then."""
+    size and the training-set size only, as it was then; one whose record predates an
+    entry is checked on the entries it has."""
     if (ck["batch_size"], ck["train_size"]) != (cfg.batch_size, len(data.train_y)):
         raise MgrowError(f"{path}: saved with batch size {ck['batch_size']} on "
                          f"{ck['train_size']} training images; this run has {cfg.batch_size} "
@@ -502,7 +503,8 @@ def _check_same_run(path: Path, ck: dict, cfg: TrainConfig, data: Data) -> None:
     now = run_record(cfg, data)
     diff = [f"{k} {_shown(now[k])} (checkpoint: {_shown(saved.get(k))})"
             if k != "--data" else f"--data: other training images or labels (data hash "
-            f"{now[k]}, checkpoint: {saved.get(k)})" for k in now if saved.get(k) != now[k]]
+            f"{now[k]}, checkpoint: {saved.get(k)})" for k in now if k in saved
+            and saved[k] != now[k]]
     if diff:
         raise MgrowError(f"{path}: this run differs from the one it would resume: "
                          f"{'; '.join(diff)}; resume with the same options and data, or "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mgrow import MgrowError
 from mgrow.arch import build
 from mgrow.data import load_data
 from mgrow.engine import TrainConfig, lr_at, train
@@ -29,3 +30,17 @@ def test_engine_follows_the_step_schedule():
     # the lr of each epoch's last step: step 10 is past 22/3, step 21 past 22 * 8/9
     assert [r["lr"] for r in records] == pytest.approx([0.01, 1e-4])
     assert records[1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_resume_under_another_schedule_is_refused(tmp_path):
+    """The schedule is part of the run a checkpoint continues, like the lr and the epochs."""
+    cfg = TrainConfig(epochs=1, batch_size=128, warmup_epochs=0, eval_every_epoch=False)
+    spec, data, ckpt = ArchSpec(name="wrn-10-1", in_channels=1, input_size=8), \
+        load_data("digits"), tmp_path / "run.ckpt"
+    train(build(spec, MixingSpec()), data, cfg, checkpoint=ckpt, progress="quiet")
+    assert ckpt.exists()  # written at the end of the epoch
+    again = cfg.model_copy(update={"schedule": "step"})
+    with pytest.raises(MgrowError, match=r"differs .*schedule step \(checkpoint: cosine\)"):
+        train(build(spec, MixingSpec()), data, again, checkpoint=ckpt, resume=True,
+              progress="quiet")
+    train(build(spec, MixingSpec()), data, cfg, checkpoint=ckpt, resume=True, progress="quiet")

@@ -105,7 +105,7 @@ def test_resume_of_the_same_run_and_of_an_old_checkpoint(resumable, tmp_path_fac
     ck = torch.load(io.BytesIO((old / CKPT).read_bytes()), weights_only=True)
     assert set(ck["run"]) == {"--epochs", "--lr", "--seed", "--batch-size", "--warmup",
                               "--weight-decay", "--label-smoothing", "momentum", "nesterov",
-                              "--data"}
+                              "schedule", "--data"}
     del ck["run"]
     torch.save(ck, old / CKPT)
     for folder in (resumable, old):
