@@ -30,6 +30,8 @@ number comes with its ledger. Rows:
                   `convert`ed (default spare templates) and grown alone
   random-plain, net2net-plain   the baselines grown from the same plain checkpoint
   mg-best         the best recipe measured (BEST below) under the same post-growth rule
+  ROW-lr-X        any growth row finetuned at peak lr X instead of the rule's (the same
+                  grown net: net2net-lr-0.02 finetunes net2net.grown); to choose the rule
 The ImageNet scales (`imagenet`, and `imagenet-tiny` for CI on a generated image folder)
 grow resnet50 at half width into resnet50 on a streamed image folder (train/ and val/,
 RandomResizedCrop + flip, Resize + CenterCrop at the scale's input size) and default to
@@ -64,7 +66,7 @@ from mgrow.arch import build
 from mgrow.bundle import load, save_model
 from mgrow.engine import TrainConfig, evaluate
 from mgrow.flops import forward_flops, reference_flops
-from mgrow.growth import fuse_files
+from mgrow.growth import INITS, fuse_files
 from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec
 from mgrow.phases import DataSource, finetune, side_files, train_new
 
@@ -113,6 +115,31 @@ LRS = (0.02, 0.05, 1e-3, 1e-4)  # post-growth peak lr sweep of `mg` (the rule's 
 # examples/results/bn-growth-2026-11-28), level with orthogonal at cpu-long with the
 # smallest spread; the v2 run decides whether it wins
 BEST = dict(init="zero")
+# the rows that train one net from scratch: (width, epochs as a share of E; "budget": the
+# growth budget's share; "match": as many half-width epochs as the growth budget pays for)
+FIXED = {"small": (0.5, 1.0), "small-plain": (0.5, 1.0), "small-match": (0.5, "match"),
+         "large": (1.0, 1.0), "large-match": (1.0, "budget")}
+GROWTH = ("random", "net2net", "gradmax", "firefly", "random-plain", "net2net-plain", "mg",
+          "mg-nofusion", "mg-converted", "mg-horizontal", "mg-best")
+
+
+def parse_row(name: str) -> tuple[str, float | None]:
+    """Return a row name's base row and the post-growth peak lr its `-lr-X` suffix sets (None:
+    the scale's rule); exit naming the row when it is not one this script knows."""
+    base, sep, lr = name.partition("-lr-")
+    kind, _, arg = base.rpartition("-")
+    try:
+        growth = base in GROWTH or kind == "mg-init" and arg in INITS or \
+            kind == "mg-point" and 0 <= float(arg) <= 1
+        if sep and not (growth and float(lr) > 0):
+            raise ValueError
+    except ValueError:
+        growth = False
+    if not growth and (sep or base not in FIXED):
+        sys.exit(f"error: unknown row {name!r}: expected one of "
+                 f"{', '.join((*FIXED, *GROWTH))}, mg-init-INIT, mg-point-P (0-1), or a "
+                 "growth row + -lr-X (finetuned at peak lr X)")
+    return base, float(lr) if sep else None
 
 
 class Runner:
@@ -228,45 +255,38 @@ class Runner:
 
     def row(self, name: str) -> dict:
         E, at_growth = self.s["epochs"], None
-        if name == "small":
-            path = self.train("small", 0.5, E)
-        elif name == "small-plain":
-            path = self.train("small-plain", 0.5, E, mixed=False)
-        elif name == "small-match":
-            path = self.train("small-match", 0.5, self.budget_epochs())
-        elif name == "large":
-            path = self.train("large", 1.0, E, mixed=False)
-        elif name == "large-match":
-            path = self.train("large-match", 1.0, self.s["budget"] * E, mixed=False)
-        elif name in ("random", "net2net"):
-            path, at_growth = self.grow(name, None, method=name)
-        elif name in ("gradmax", "firefly"):
-            path, at_growth = self.grow(name, None, method=name, source=self.source,
+        base, lr = parse_row(name)
+        if base in FIXED:
+            width, share = FIXED[base]
+            epochs = self.budget_epochs() if share == "match" else \
+                self.s["budget"] * E if share == "budget" else share * E
+            path = self.train(base, width, epochs, mixed=base in ("small", "small-match"))
+        elif base in ("random", "net2net"):
+            path, at_growth = self.grow(name, None, lr, method=base)
+        elif base in ("gradmax", "firefly"):
+            path, at_growth = self.grow(name, None, lr, method=base, source=self.source,
                                         batch_size=self.s["batch"],
                                         steps=self.s.get("growth_steps", GROWTH_STEPS))
-        elif name in ("random-plain", "net2net-plain"):
-            path, at_growth = self.grow(name, None, method=name.partition("-")[0],
+        elif base in ("random-plain", "net2net-plain"):
+            path, at_growth = self.grow(name, None, lr, method=base.partition("-")[0],
                                         start="small-plain")
-        elif name == "mg-nofusion":
-            path, at_growth = self.grow(name, None)
-        elif name == "mg-converted":
-            path, at_growth = self.grow(name, None, start="converted")
+        elif base == "mg-nofusion":
+            path, at_growth = self.grow(name, None, lr)
+        elif base == "mg-converted":
+            path, at_growth = self.grow(name, None, lr, start="converted")
         else:
-            point = float(name.rpartition("-")[2]) if name.startswith("mg-point-") \
+            point = float(base.rpartition("-")[2]) if base.startswith("mg-point-") \
                 else self.s["point"]
-            options = {"tiling": "horizontal"} if name == "mg-horizontal" else {}
-            if name.startswith("mg-init-"):
-                options = {"init": name.rpartition("-")[2]}
-            if name.startswith("mg-lr-"):
-                options = {"lr": float(name.rpartition("-")[2])}
-            if name == "mg-best":
-                options = dict(BEST)
-            path, at_growth = self.grow(name, self.sibling(point), **options)
+            options = {"tiling": "horizontal"} if base == "mg-horizontal" else \
+                dict(BEST) if base == "mg-best" else {}
+            if base.startswith("mg-init-"):
+                options = {"init": base.rpartition("-")[2]}
+            path, at_growth = self.grow(name, self.sibling(point), lr, **options)
         man = load(path).manifest
         ref = reference_flops(man.model_copy(update={"arch": self.small_arch().widened(2)}), E)
         charged = [p for p in man.phases if p.stage == "growth"] if at_growth is not None \
             else list(man.phases)
-        start = "small-plain" if name in ("mg-converted", "random-plain",
+        start = "small-plain" if base in ("mg-converted", "random-plain",
                                           "net2net-plain") else "small"
         return {"row": name, "seed": self.seed, "date": datetime.date.today().isoformat(),
                 "top1": self.eval(path),
@@ -390,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
                    "scales need imagefolder:FOLDER with train/ and val/]")
     p.add_argument("--rows", default="main", help="main (imagenet scales: the paper's "
                    "ImageNet rows); paper (main + ablations + post-growth lr sweep); all "
-                   "(paper + growth points); or a comma-separated list")
+                   "(paper + growth points); or a comma-separated list of rows, where any "
+                   "growth row + -lr-X (say net2net-lr-0.02) is that row finetuned at peak lr X")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report-only", action="store_true", help="train nothing: tabulate the "
                    "rows already finished in --out")
@@ -417,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     stages = {"main": [main_rows], "paper": [main_rows, extra],
               "all": [main_rows, extra, points]}.get(
         a.rows, [tuple(a.rows.split(","))])
+    for names in stages:
+        for name in names:
+            parse_row(name)  # every name checked before anything trains
     # rows recorded in --out's results.json (say, committed by an earlier session on another
     # machine) are kept and not rerun: a long replica continues across machines row by row
     runs = recorded_runs(a.out / "results.json", a.scale)

@@ -50,9 +50,9 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
     assert runs["small-match"]["flops_norm"] == pytest.approx(scale["budget"], abs=step)
     assert runs["small"]["flops_norm"] < 0.5  # the half-width net costs about a quarter
     for name in ("gradmax", "firefly"):  # their growth step is charged like any phase
-        step = [p for p in runs[name]["ledger"] if p["operation"] == "fuse"]
-        assert len(step) == 1 and step[0]["stage"] == "growth" and step[0]["train_flops"] > 0
-        assert name in step[0]["arch"]
+        fused = [p for p in runs[name]["ledger"] if p["operation"] == "fuse"]
+        assert len(fused) == 1 and fused[0]["stage"] == "growth" and fused[0]["train_flops"] > 0
+        assert name in fused[0]["arch"]
     sibling = [p for p in runs["mg"]["ledger"] if p["operation"] == "train-sibling"]
     assert len(sibling) == 1 and sibling[0]["stage"] == "growth"
     assert not [p for p in runs["mg-nofusion"]["ledger"] if p["operation"] == "train-sibling"]
@@ -65,10 +65,18 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
     # recorded rows, retrains none of them, and loses none of those it does not revisit
     for f in (out / "seed0").iterdir():
         f.unlink()
-    rep.main(["--scale", "tiny", "--rows", "small,mg", "--out", str(out), "--quiet",
-              "--data", f"npz:{tiny_cifar}"])
-    assert not list((out / "seed0").iterdir())
-    assert json.loads((out / "results.json").read_text())["runs"] == result["runs"]
+    rep.main(["--scale", "tiny", "--rows", "small,mg,net2net-lr-0.05", "--out", str(out),
+              "--quiet", "--data", f"npz:{tiny_cifar}"])
+    again = json.loads((out / "results.json").read_text())["runs"]
+    assert again[:-1] == result["runs"] and not (out / "seed0/mg.safetensors").exists()
+    # a growth row + -lr-X: the same growth, finetuned at peak lr X under the same budget
+    tuned = again[-1]
+    assert tuned["row"] == "net2net-lr-0.05" and tuned["top1_at_growth"] is not None
+    from mgrow.bundle import load
+    lineage = load(out / "seed0/net2net-lr-0.05.safetensors").manifest.lineage
+    assert (lineage.operation, lineage.options["lr"]) == ("finetune", 0.05)
+    assert scale["rule"]["lr"] != 0.05
+    assert abs(tuned["flops_norm"] - scale["budget"]) <= step + 1e-9
     with pytest.raises(SystemExit, match="holds scale 'tiny'"):
         rep.main(["--scale", "cpu", "--out", str(out), "--report-only"])
     rep.main(["--scale", "tiny", "--estimate", "--data", f"npz:{tiny_cifar}"])
@@ -80,6 +88,20 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
             rep.main(["--scale", "tiny", "--out", str(out), "--report-only"])
     finally:
         rep.SCALES["tiny"]["epochs"] = 1
+
+
+def test_row_names_are_checked_before_anything_trains(tmp_path):
+    rep = _replicate()
+    assert rep.parse_row("large") == ("large", None)
+    assert rep.parse_row("mg-init-zero") == ("mg-init-zero", None)
+    assert rep.parse_row("net2net-lr-0.02") == ("net2net", 0.02)
+    assert rep.parse_row("mg-point-0.5-lr-1e-4") == ("mg-point-0.5", 1e-4)
+    for bad in ("mgg", "large-lr-0.1", "mg-lr-x", "mg-lr--1", "mg-init-bogus", "mg-point-2"):
+        with pytest.raises(SystemExit, match=re.escape(f"unknown row {bad!r}")):
+            rep.parse_row(bad)
+    with pytest.raises(SystemExit, match="unknown row 'mgg'"):
+        rep.main(["--scale", "tiny", "--rows", "small,mgg", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
 
 
 def test_imagenet_recipe_end_to_end_on_a_photo_folder(image_folder, tmp_path):
