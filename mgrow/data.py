@@ -86,9 +86,11 @@ def default_data_dir() -> Path:
 
 def load_data(spec: str, data_dir: str | os.PathLike | None = None, download: bool = False,
               subset: int | None = None, mode: str = "auto", input_size: int | None = None,
-              stats: str = "imagenet", workers: int | None = None) -> Data:
+              stats: str = "imagenet", workers: int | None = None,
+              at_most: bool = False) -> Data:
     """Return the data set named by `spec`, its training split cut to `subset` images:
     in memory (MemoryData) or streamed from disk (mgrow.stream.StreamData), as `mode` says.
+    `at_most`: `subset` is a ceiling (a split that holds fewer is kept whole), not a demand.
 
     `input_size`, `stats` (imagenet | sample) and `workers` (None: the CPUs, at most 8)
     apply to image folders; `stats` and `workers` to streamed ones only.
@@ -112,7 +114,7 @@ def load_data(spec: str, data_dir: str | os.PathLike | None = None, download: bo
     if folder and mode != "memory":
         from .stream import load_folder
         return load_folder(spec, Path(arg).expanduser(), subset, input_size, stats, workers,
-                           balanced_subset)
+                           balanced_subset, at_most)
     if name == "digits" and not arg:
         splits = _npz_splits(Path(__file__).with_name("digits.npz"), "digits")
     elif name == "npz" and arg:
@@ -121,10 +123,13 @@ def load_data(spec: str, data_dir: str | os.PathLike | None = None, download: bo
         root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
         splits = _torchvision(name, root, download)
     elif folder:
-        splits = _imagefolder(spec, Path(arg).expanduser(), subset, input_size, workers)
+        splits = _imagefolder(spec, Path(arg).expanduser(), subset, input_size, workers,
+                              at_most)
         subset = None  # already applied before decoding
     else:
         raise MgrowError(f"unknown data set {spec!r}: expected one of {', '.join(SPECS)}")
+    if at_most and subset is not None and subset >= len(splits[1]):
+        subset = None
     return _assemble(spec, *splits, subset=subset, no_flip=name == "svhn")
 
 
@@ -265,12 +270,12 @@ def _torchvision(name: str, root: Path, download: bool) -> tuple:
 
 
 def _imagefolder(spec: str, root: Path, subset: int | None, input_size: int | None,
-                 workers: int | None) -> tuple:
+                 workers: int | None, at_most: bool) -> tuple:
     """Return (train_x, train_y, test_x, test_y, num_classes) of an imagefolder: tree decoded
     into memory, every image through the streamed path's eval view (Resize + CenterCrop)."""
     from .stream import DEFAULT_SIZE, cut, decode, default_workers, eval_view, list_folder, scan
     classes, train, test = list_folder(root)
-    train = cut(train, subset, spec, balanced_subset)
+    train = cut(train, subset, spec, balanced_subset, at_most)
     size = input_size or DEFAULT_SIZE
     out = []
     for split, where in ((train, "training split"), (test, "test split")):

@@ -62,22 +62,21 @@ class DataSource:
         if self.spec is None and recorded is None:
             raise MgrowError("no data set: pass --data (the bundle does not record one)")
         spec = self.spec if self.spec is not None else recorded.spec
-        subset = self.subset
-        if subset is None and self.spec is None:  # the recorded data: same training size
-            full = self._load(spec, None, recorded)
-            if recorded.train_size >= len(full.train_y):
-                return with_normalisation(full, recorded)
-            subset = recorded.train_size
-        data = self._load(spec, subset, recorded)
+        # the recorded data without --subset: at most the recorded training size (the whole
+        # split when the data on this machine holds fewer), listed and loaded once
+        at_most = self.subset is None and self.spec is None
+        data = self._load(spec, recorded.train_size if at_most else self.subset, recorded,
+                          at_most)
         return data if recorded is None else with_normalisation(data, recorded)
 
-    def _load(self, spec: str, subset: int | None, recorded: DatasetSpec | None) -> Data:
+    def _load(self, spec: str, subset: int | None, recorded: DatasetSpec | None,
+              at_most: bool = False) -> Data:
         """Return load_data's result; an image folder keeps the input size a bundle recorded."""
         size = self.input_size
         if size is None and recorded is not None and spec.startswith("imagefolder:"):
             size = recorded.input_size
         return load_data(spec, self.data_dir, self.download, subset, self.mode, size,
-                         self.stats, self.workers)
+                         self.stats, self.workers, at_most)
 
 
 def with_normalisation(data: Data, recorded: DatasetSpec) -> Data:

@@ -373,10 +373,10 @@ def measure_stats(root: Path, split: Split, size: int, workers: int
 
 
 def cut(split: Split, subset: int | None, spec: str,
-        pick: Callable[[torch.Tensor, int], torch.Tensor]) -> Split:
+        pick: Callable[[torch.Tensor, int], torch.Tensor], at_most: bool = False) -> Split:
     """Return `split` cut to the `subset` images `pick(labels, subset)` chooses (all when
-    None); more than it holds is refused."""
-    if subset is None:
+    None); more than it holds is refused, or (`at_most`) keeps it whole."""
+    if subset is None or at_most and subset >= len(split.files):
         return split
     if subset > len(split.files):
         raise MgrowError(f"--subset {subset} exceeds the {len(split.files)} training images "
@@ -387,9 +387,11 @@ def cut(split: Split, subset: int | None, spec: str,
 
 def load_folder(spec: str, root: Path, subset: int | None, input_size: int | None,
                 stats: str, workers: int | None,
-                subset_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> StreamData:
-    """Return a streamed image folder: listed, cut to `subset`, every used file's header
-    checked, normalisation per `stats` ('imagenet' constants or 'sample'-measured)."""
+                subset_fn: Callable[[torch.Tensor, int], torch.Tensor],
+                at_most: bool = False) -> StreamData:
+    """Return a streamed image folder: listed, cut to `subset` (`at_most`: a ceiling), every
+    used file's header checked, normalisation per `stats` ('imagenet' constants or
+    'sample'-measured)."""
     if stats not in STATS:
         raise MgrowError(f"unknown --stats {stats!r} (imagenet or sample)")
     import PIL.Image  # noqa: F401  imported here, once: forked workers inherit the modules
@@ -397,7 +399,7 @@ def load_folder(spec: str, root: Path, subset: int | None, input_size: int | Non
     workers = default_workers() if workers is None else workers
     size = input_size or DEFAULT_SIZE
     classes, train, test = list_folder(root)
-    train = cut(train, subset, spec, subset_fn)
+    train = cut(train, subset, spec, subset_fn, at_most)
     if not len(test.files):
         raise MgrowError(f"{spec}: the training and test splits must both hold images")
     for split, where in ((train, "training split"), (test, "test split")):

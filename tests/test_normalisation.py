@@ -78,3 +78,26 @@ def test_budget_counts_whole_batches_only(subset_bundle, tmp_path, batch):
     spent = sum(p.train_flops for p in load(out).manifest.phases if p.stage == "growth")
     ref = reference_flops(load(grown).manifest, 3)  # 3 epochs of the recorded 200 images
     assert spent / ref == pytest.approx(1.0, abs=batch / 200 / 3 / 2 + 1e-9)
+
+
+def test_recorded_data_is_read_once_at_the_recorded_size(image_folder, monkeypatch):
+    """The data a bundle recorded, loaded without --data: a streamed folder is listed (and
+    its headers checked) once, cut to the recorded training size as --subset would cut it;
+    a recorded size beyond what the folder holds here keeps the whole split."""
+    import mgrow.stream as stream
+    listed = []
+    real = stream.list_folder
+    monkeypatch.setattr(stream, "list_folder", lambda root: listed.append(root) or real(root))
+    spec = f"imagefolder:{image_folder}"
+    whole = DataSource(spec, input_size=32).load()
+    cut = DataSource(spec, input_size=32, subset=50).load()
+    for size, expected in ((50, cut), (len(whole.train_y), whole), (10**6, whole)):
+        listed.clear()
+        data = DataSource().load(whole.spec.model_copy(update={"train_size": size}))
+        assert len(listed) == 1, size
+        assert (data.train.files == expected.train.files).all(), size
+        assert data.spec.input_size == 32
+    recorded = DataSource("digits", subset=200).load().spec  # in memory: the same cut
+    data = DataSource().load(recorded)
+    assert len(data.train_y) == 200 and data.spec.mean == recorded.mean
+    assert data.train_y.tolist() == DataSource("digits", subset=200).load().train_y.tolist()
