@@ -372,6 +372,28 @@ def summarise(runs: list[dict], scale_name: str, scale: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict(runs: list[dict], row: str = "mg") -> str:
+    """Return Markdown: `row` minus every other row at the growth budget and Large, paired by
+    seed (mean and std of the per-seed difference), and whether `row` is ahead by more than
+    two standard deviations of that difference (the issue-11 test; needs 2+ seeds)."""
+    top1 = {(r["seed"], r["row"]): 100 * r["top1"] for r in runs}
+    lines = [f"`{row}` minus each row, paired by seed (points; ahead by > 2 sd of the "
+             "difference?):", ""]
+    for other in ("random", "net2net", "gradmax", "firefly", "mg-nofusion", "small-match",
+                  "large-match", "large"):
+        diffs = [top1[s, row] - top1[s, other] for s, name in top1
+                 if name == other and (s, row) in top1]
+        if not diffs or other == row:
+            continue
+        if len(diffs) < 2:
+            lines.append(f"- {other}: {diffs[0]:+.2f} (1 seed: no spread yet)")
+            continue
+        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+        lines.append(f"- {other}: {mean:+.2f} +- {sd:.2f} over {len(diffs)} seeds: "
+                     f"{'yes' if mean > 2 * sd else 'no'}")
+    return "\n".join(lines)
+
+
 def plot(runs: list[dict], path: Path) -> bool:
     """Write top-1 against normalised training FLOPs (the paper's Figure 3a); False if no
     matplotlib."""
@@ -527,7 +549,7 @@ def write_results(a: argparse.Namespace, scale: dict, runs: list[dict]) -> None:
               f"Runs dated {', '.join(sorted({r.get('date', meta['date']) for r in runs}))}, "
               f"commits {', '.join(sorted({r['commit'] for r in runs}))}; written "
               f"{meta['date']} at {commit}, {meta['machine']}.")
-    (a.out / "results.md").write_text(header + "\n\n" + table + "\n")
+    (a.out / "results.md").write_text(header + "\n\n" + table + "\n\n" + verdict(runs) + "\n")
     plot(runs, a.out / "accuracy_vs_flops.png")
 
 

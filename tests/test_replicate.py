@@ -61,6 +61,7 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
     assert base == [p for p in runs["small-plain"]["ledger"]]
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in expected)
+    assert "- random: " in table and "- large: " in table  # mg against each, per seed
     # a later session on a fresh machine (bundles gone, results.json committed) keeps the
     # recorded rows, retrains none of them, and loses none of those it does not revisit
     for f in (out / "seed0").iterdir():
@@ -102,6 +103,19 @@ def test_row_names_are_checked_before_anything_trains(tmp_path):
     with pytest.raises(SystemExit, match="unknown row 'mgg'"):
         rep.main(["--scale", "tiny", "--rows", "small,mgg", "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_verdict_pairs_runs_by_seed():
+    """results.md's test: mg minus each row per seed, ahead by more than 2 sd of that?"""
+    rep = _replicate()
+    table = [(0, "mg", .80), (0, "random", .79), (0, "net2net", .79), (0, "large", .83),
+             (1, "mg", .81), (1, "random", .795), (1, "net2net", .798),
+             (2, "mg", .80), (2, "random", .805), (2, "net2net", .792), (3, "random", .70)]
+    text = rep.verdict([{"seed": s, "row": r, "top1": v} for s, r, v in table])
+    assert "- random: +0.67 +- 1.04 over 3 seeds: no" in text  # 1.0, 1.5, -0.5
+    assert "- net2net: +1.00 +- 0.20 over 3 seeds: yes" in text  # 1.0, 1.2, 0.8
+    assert "- large: -3.00 (1 seed: no spread yet)" in text
+    assert "gradmax" not in text
 
 
 def test_imagenet_recipe_end_to_end_on_a_photo_folder(image_folder, tmp_path):
