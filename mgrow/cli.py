@@ -78,6 +78,7 @@ Norm = _choices("Norm", "every", "block")
 Spare = _choices("Spare", "random", "permuted")
 DataModes = _choices("DataModes", "auto", "memory", "stream")  # mgrow.data.MODES
 StatsModes = _choices("StatsModes", "imagenet", "sample")
+Schedules = _choices("Schedules", "cosine", "step")  # mgrow.engine.TrainConfig.schedule
 
 
 Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.safetensors).")]
@@ -339,6 +340,9 @@ BatchSize = Annotated[int, typer.Option("--batch-size", min=1, max=L.MAX_BATCH,
 Warmup = Annotated[float, typer.Option("--warmup", min=0, callback=_number(0, L.MAX_EPOCHS),
                                        help="Warm-up epochs (at most "
                                        "10% of the run).")]
+Schedule = Annotated[Schedules, typer.Option(
+    "--schedule", help="After the warm-up: cosine to 0, or step (0.1x at 1/3, 2/3 and 8/9 "
+    "of the run: the paper's ImageNet epochs 30, 60, 80 of 90).")]
 WeightDecay = Annotated[float, typer.Option(
     "--weight-decay", min=0, callback=_number(0, L.MAX_WEIGHT_DECAY),
     help="On templates and plain weights; never on coefficients, norms, biases.")]
@@ -381,7 +385,7 @@ def _positive(option: str, value: float | None) -> None:
 
 
 def _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device, amp,
-         channels_last, compile_):
+         channels_last, compile_, schedule):
     from pydantic import ValidationError
     from .engine import TrainConfig
     _positive("--epochs", epochs)
@@ -389,7 +393,8 @@ def _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, de
         return TrainConfig(epochs=epochs or 1.0, lr=lr, batch_size=batch_size,
                            warmup_epochs=warmup, weight_decay=weight_decay,
                            label_smoothing=label_smoothing, seed=seed, device=device, amp=amp,
-                           channels_last=channels_last, compile=compile_)
+                           channels_last=channels_last, compile=compile_,
+                           schedule=schedule.value)
     except ValidationError as e:  # name the option, not the config field
         err = e.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "option"
@@ -437,6 +442,7 @@ def train(
     templates: Templates = 2,
     sharing: SharingOpt = Sharing.pairs,
     lr: Lr = 0.1, batch_size: BatchSize = 128, warmup: Warmup = 1.0,
+    schedule: Schedule = Schedules.cosine,
     weight_decay: WeightDecay = 5e-4, label_smoothing: Smoothing = 0.0, seed: SeedOpt = 0,
     device: Device = "auto", amp: Amp = False, channels_last: ChannelsLast = None,
     compile_: Compile = False,
@@ -448,7 +454,7 @@ def train(
     """Train a network from scratch: a first small net, or the Small/Large baselines."""
     from .api import train as run
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
-               amp, channels_last, compile_)
+               amp, channels_last, compile_, schedule)
     source = _source(data, data_dir, download, subset, data_mode, workers, input_size, stats)
     outcome = run(arch, output, data=source, config=cfg, width=width, mixed=mixed,
                   norm=norm.value, templates=templates, sharing=sharing.value, resume=resume,
@@ -473,6 +479,7 @@ def train_sibling(
         show_default=False)] = None,
     data: Data = None,
     lr: Lr = 0.1, batch_size: BatchSize = 128, warmup: Warmup = 1.0,
+    schedule: Schedule = Schedules.cosine,
     weight_decay: WeightDecay = 5e-4, label_smoothing: Smoothing = 0.0,
     device: Device = "auto", amp: Amp = False, channels_last: ChannelsLast = None,
     compile_: Compile = False,
@@ -487,7 +494,7 @@ def train_sibling(
     if seed is None:
         seed = int(load(small).manifest.lineage.options.get("seed", 0)) + 1
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
-               amp, channels_last, compile_)
+               amp, channels_last, compile_, schedule)
     source = _source(data, data_dir, download, subset, data_mode, workers, input_size, stats)
     outcome = run(small, output, data=source, config=cfg, resume=resume,
                   progress=_progress(quiet, as_json), force=force)
@@ -512,6 +519,7 @@ def finetune(
         "ledger). Useful right after fuse.")] = 0,
     data: Data = None,
     lr: Lr = 0.1, batch_size: BatchSize = 128, warmup: Warmup = 1.0,
+    schedule: Schedule = Schedules.cosine,
     weight_decay: WeightDecay = 5e-4, label_smoothing: Smoothing = 0.0, seed: SeedOpt = 0,
     device: Device = "auto", amp: Amp = False, channels_last: ChannelsLast = None,
     compile_: Compile = False,
@@ -527,7 +535,7 @@ def finetune(
     _positive("--budget", budget)
     _positive("--reference-epochs", reference_epochs)
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
-               amp, channels_last, compile_)
+               amp, channels_last, compile_, schedule)
     source = _source(data, data_dir, download, subset, data_mode, workers, input_size, stats)
     outcome = run(bundle, output, data=source, config=cfg, budget=budget,
                   reference_epochs=reference_epochs, bn_recalibrate=bn_recalibrate, resume=resume,

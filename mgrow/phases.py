@@ -178,7 +178,8 @@ def train_new(arch_name: str, source: DataSource, cfg: TrainConfig, output: Path
                     in_channels=d.channels, input_size=d.input_size, norm=norm)
     model = build(arch, mixing, seed=cfg.seed)
     lineage = Lineage(operation="train", options={"seed": cfg.seed, "epochs": cfg.epochs,
-                                                  "lr": cfg.lr, "batch_size": cfg.batch_size})
+                                                  "lr": cfg.lr, "batch_size": cfg.batch_size,
+                                                  "schedule": cfg.schedule})
     manifest = Manifest(arch=arch, mixing=mixing, data=d, lineage=lineage)
     return run_phase(manifest, model, data, cfg, output, "train", "base", **run)
 
@@ -218,7 +219,8 @@ def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
     model = build(man.arch, man.mixing, seed=cfg.seed)
     manifest = Manifest(arch=man.arch, mixing=man.mixing, data=data.spec, lineage=Lineage(
         operation="train-sibling", options={"seed": cfg.seed, "epochs": cfg.epochs,
-                                            "lr": cfg.lr, "batch_size": cfg.batch_size},
+                                            "lr": cfg.lr, "batch_size": cfg.batch_size,
+                                            "schedule": cfg.schedule},
         parents=(small.parent(),)))
     return run_phase(manifest, model, data, cfg, output, "train-sibling", "growth", **run)
 
@@ -248,7 +250,8 @@ def finetune(path: Path, source: DataSource, cfg: TrainConfig, output: Path, *,
             man, budget, reference_epochs,
             train_size=steps_per_epoch(data, cfg.batch_size) * cfg.batch_size)})
     options = {"seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
-               "batch_size": cfg.batch_size, "budget": budget, "data": data.spec.spec,
+               "batch_size": cfg.batch_size, "schedule": cfg.schedule, "budget": budget,
+               "data": data.spec.spec,
                "train_size": len(data.train_y), "bn_recalibrate": bn_recalibrate}
     manifest = man.derived("finetune", options, (bundle.parent(),))
     return run_phase(manifest, model, data, cfg, output, "finetune", stage, **run)

@@ -119,6 +119,9 @@ def test_cli_choices_match_the_library():
     assert [e.value for e in cli.Norm] == list(get_args(ArchSpec.model_fields["norm"].annotation))
     from mgrow.convert import SPARES
     assert [e.value for e in cli.Spare] == list(SPARES)
+    from mgrow.engine import TrainConfig
+    assert [e.value for e in cli.Schedules] == list(
+        get_args(TrainConfig.model_fields["schedule"].annotation))
 
 
 def test_usage_errors_are_one_line():
