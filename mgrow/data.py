@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from . import MgrowError
 from .manifest import DatasetSpec
-from .stream import StreamData
+from .stream import StreamData, subset_size
 
 PAD = 4  # pixels of zero padding before the random crop
 _TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST",
@@ -128,15 +128,14 @@ def load_data(spec: str, data_dir: str | os.PathLike | None = None, download: bo
         subset = None  # already applied before decoding
     else:
         raise MgrowError(f"unknown data set {spec!r}: expected one of {', '.join(SPECS)}")
-    if at_most and subset is not None and subset >= len(splits[1]):
-        subset = None
-    return _assemble(spec, *splits, subset=subset, no_flip=name == "svhn")
+    return _assemble(spec, *splits, subset=subset, no_flip=name == "svhn", at_most=at_most)
 
 
 def _assemble(spec: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
               test_y: torch.Tensor, num_classes: int | None, subset: int | None,
-              no_flip: bool) -> MemoryData:
-    """Return checked Data from (N, C, H, W) uint8 splits, cut to `subset` training images.
+              no_flip: bool, at_most: bool = False) -> MemoryData:
+    """Return checked Data from (N, C, H, W) uint8 splits, cut to `subset` training images
+    (mgrow.stream.subset_size).
 
     `num_classes` None: the largest label + 1.
     """
@@ -152,10 +151,8 @@ def _assemble(spec: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: t
     for split, y in (("training", train_y), ("test", test_y)):
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise MgrowError(f"{spec}: {split} labels must lie in 0..{num_classes - 1}")
+    subset = subset_size(subset, len(train_y), spec, at_most)
     if subset is not None:
-        if subset > len(train_y):
-            raise MgrowError(f"--subset {subset} exceeds the {len(train_y)} training images "
-                             f"of {spec}")
         keep = balanced_subset(train_y, subset)
         train_x, train_y = train_x[keep], train_y[keep]
     mean, std = channel_stats(train_x)

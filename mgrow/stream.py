@@ -372,15 +372,23 @@ def measure_stats(root: Path, split: Split, size: int, workers: int
     return channel_stats(x)
 
 
+def subset_size(subset: int | None, n: int, spec: str, at_most: bool = False) -> int | None:
+    """Return how many of `n` training images `subset` keeps (None: all of them); more than
+    `n` is refused, or (`at_most`: a ceiling, not a demand) keeps all."""
+    if subset is None or at_most and subset >= n:
+        return None
+    if subset > n:
+        raise MgrowError(f"--subset {subset} exceeds the {n} training images of {spec}")
+    return subset
+
+
 def cut(split: Split, subset: int | None, spec: str,
         pick: Callable[[torch.Tensor, int], torch.Tensor], at_most: bool = False) -> Split:
-    """Return `split` cut to the `subset` images `pick(labels, subset)` chooses (all when
-    None); more than it holds is refused, or (`at_most`) keeps it whole."""
-    if subset is None or at_most and subset >= len(split.files):
+    """Return `split` cut to the `subset` images `pick(labels, subset)` chooses (see
+    subset_size)."""
+    subset = subset_size(subset, len(split.files), spec, at_most)
+    if subset is None:
         return split
-    if subset > len(split.files):
-        raise MgrowError(f"--subset {subset} exceeds the {len(split.files)} training images "
-                         f"of {spec}")
     keep = pick(split.labels, subset)
     return Split(split.files[keep.numpy()], split.labels[keep])
 

@@ -101,3 +101,5 @@ def test_recorded_data_is_read_once_at_the_recorded_size(image_folder, monkeypat
     data = DataSource().load(recorded)
     assert len(data.train_y) == 200 and data.spec.mean == recorded.mean
     assert data.train_y.tolist() == DataSource("digits", subset=200).load().train_y.tolist()
+    more = DataSource().load(recorded.model_copy(update={"train_size": 10**6}))
+    assert len(more.train_y) == 1437  # all the digits there are
