@@ -103,3 +103,9 @@ def test_recorded_data_is_read_once_at_the_recorded_size(image_folder, monkeypat
     assert data.train_y.tolist() == DataSource("digits", subset=200).load().train_y.tolist()
     more = DataSource().load(recorded.model_copy(update={"train_size": 10**6}))
     assert len(more.train_y) == 1437  # all the digits there are
+    # asked for, not recorded, more than there are is refused, in memory and streamed
+    from mgrow import MgrowError
+    with pytest.raises(MgrowError, match="--subset 2000 exceeds the 1437 training images"):
+        DataSource("digits", subset=2000).load()
+    with pytest.raises(MgrowError, match="--subset 500 exceeds the 120 training images"):
+        DataSource(spec, subset=500).load()
