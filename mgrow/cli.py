@@ -153,6 +153,15 @@ def convert(
                                         "template-mixed) bundle.")] = False,
     data: Annotated[Optional[str], typer.Option("--data", help="Record the data set it was "
                                                 "trained on (spec as for train).")] = None,
+    mean: Annotated[Optional[str], typer.Option(
+        "--mean", help="With --data: the per-channel mean the checkpoint's inputs were "
+        "normalised with, 0-1 scale, comma-separated or one for all (torchvision's ImageNet "
+        "models: 0.485,0.456,0.406) [default: --data's own: measured on its training split; "
+        "ImageNet's for a streamed image folder].",
+        show_default=False)] = None,
+    std: Annotated[Optional[str], typer.Option(
+        "--std", help="With --data: the per-channel std, as --mean (ImageNet: "
+        "0.229,0.224,0.225).", show_default=False)] = None,
     spare: Annotated[Spare, typer.Option(
         "--spare", help="What fills a bank's spare templates (the directions new tiles draw "
         "on at growth): random (fresh random tensors) or permuted (the bank's trained "
@@ -166,8 +175,28 @@ def convert(
         src, arch_name=arch, num_classes=num_classes, width=width, in_channels=in_channels,
         input_size=input_size, norm=norm.value, mixing=None if plain else _mixing(
             templates, sharing, edge_templates, freeze_edges),
-        data=data, seed=seed, spare=spare.value, output=output, force=force)
+        data=data, seed=seed, spare=spare.value, normalisation=_normalisation(mean, std),
+        output=output, force=force)
     print(f"wrote {path} ({manifest.describe()})")
+
+
+def _normalisation(mean: str | None, std: str | None
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Return convert's --mean and --std as float tuples (None when neither is given)."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise MgrowError("--mean and --std go together: give both")
+
+    def floats(name: str, text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(x) for x in text.split(","))
+        except ValueError:
+            raise MgrowError(f"{name} takes comma-separated numbers, not {text!r}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise MgrowError(f"{name} takes finite numbers, not {text!r}")
+        return values
+    return floats("--mean", mean), floats("--std", std)
 
 
 @app.command()

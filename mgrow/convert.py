@@ -29,12 +29,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from . import MgrowError
 from .arch import build
 from .bundle import check_tensors, conform, header, load_tensors, read_bytes
-from .manifest import ArchSpec, Lineage, Manifest, MixingSpec, Parent
+from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Parent
 from .mixing import mixed_layers, random_orthogonal
 
 
@@ -261,16 +262,23 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
                        in_channels: int | None = None, input_size: int | None = None,
                        norm: str = "every", mixing: MixingSpec | None = MixingSpec(),
                        data: str | None = None, seed: int = 0, spare: str = "random",
+                       normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
                        force: bool = False) -> tuple[Path, Manifest]:
     """Convert a plain checkpoint file into a bundle; return its path and manifest.
 
     None: classes and input channels as the checkpoint's classifier and stem say, input
-    size by family (default_input_size: 224 for resnet/vgg, 32 for wrn).
+    size by family (default_input_size: 224 for resnet/vgg, 32 for wrn). `normalisation`
+    (mean, std per channel, 0-1 scale): the constants the checkpoint was trained with,
+    recorded for `data` instead of the statistics measured here (every later command
+    normalises with what the bundle records).
     """
     from .arch import check_name
     from .bundle import check_writable, save, sha256_file
     check_name(arch_name)
     check_writable(output, force)
+    if normalisation is not None and data is None:
+        raise MgrowError("--mean/--std say how the checkpoint's data was normalised: "
+                         "name that data set with --data too")
     state = read_checkpoint(src)
     check_family(state, arch_name, src)
     arch = ArchSpec(name=arch_name, width=width, input_size=input_size or
@@ -289,6 +297,8 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     if data is not None:
         from .data import load_data
         dataset = load_data(data).spec
+        if normalisation is not None:
+            dataset = with_normalisation(dataset, *normalisation)
     options = {"arch": arch_name, "seed": seed, "mixed": mixing is not None}
     if mixing is not None:
         options["spare"] = spare
@@ -296,3 +306,17 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
                       parents=(Parent(sha256=sha256_file(src), path=str(src)),))
     manifest = Manifest(arch=arch, mixing=mixing, data=dataset, lineage=lineage)
     return save(output, manifest, tensors, force), manifest
+
+
+def with_normalisation(spec: DatasetSpec, mean: tuple[float, ...], std: tuple[float, ...]
+                       ) -> DatasetSpec:
+    """Return `spec` recording `mean` and `std` (one value per channel, or one for all)."""
+    c = spec.channels
+    mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)
+    try:
+        return DatasetSpec.model_validate({**spec.model_dump(), "mean": mean, "std": std})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = "".join(f"[{x}]" if isinstance(x, int) else x for x in err["loc"]) or "value"
+        raise MgrowError(f"--mean/--std for {spec.spec} ({c} channel{'s' * (c > 1)}, 0-1 "
+                         f"scale): {where}: {err['msg']}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mgrow.bundle import load
 from mgrow.engine import TrainConfig
@@ -109,3 +110,43 @@ def test_recorded_data_is_read_once_at_the_recorded_size(image_folder, monkeypat
         DataSource("digits", subset=2000).load()
     with pytest.raises(MgrowError, match="--subset 500 exceeds the 120 training images"):
         DataSource(spec, subset=500).load()
+
+
+def test_convert_records_the_checkpoints_own_normalisation(tmp_path):
+    """convert --mean/--std: a foreign checkpoint trained with other constants evaluates
+    with those (not with the statistics measured on --data); bad values are one-line errors
+    that write nothing."""
+    import torch.nn.functional as F
+
+    from mgrow.arch import build
+    from mgrow.data import load_data
+    from mgrow.manifest import ArchSpec
+    arch = ArchSpec(name="wrn-10-1", in_channels=1, input_size=8)
+    plain = build(arch, seed=3).eval()
+    torch.save(plain.state_dict(), tmp_path / "plain.pt")
+    convert = ("convert", tmp_path / "plain.pt", "--arch", "wrn-10-1", "--data", "digits")
+    r = run_cli(*convert, "--mean", "0.5", "--std", "0.25", "-o", tmp_path / "own.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert load(tmp_path / "own.safetensors").manifest.data.mean == (0.5,)
+    assert load(tmp_path / "own.safetensors").manifest.data.std == (0.25,)
+    test = load_data("digits")
+    with torch.no_grad():
+        ref = F.cross_entropy(plain((test.test_x.float() / 255 - 0.5) / 0.25), test.test_y)
+    own = evaluate_bundle(tmp_path / "own.safetensors", DataSource(), device="cpu")
+    assert own["loss"] == pytest.approx(float(ref), rel=1e-4)
+    r = run_cli(*convert, "-o", tmp_path / "measured.safetensors")
+    assert r.returncode == 0, r.stderr
+    measured = evaluate_bundle(tmp_path / "measured.safetensors", DataSource(), device="cpu")
+    assert abs(measured["loss"] - own["loss"]) > 1e-3  # the constants matter
+    for bad, message in ((("--mean", "0.5"), "go together"),
+                         (("--mean", "0.5,0.5", "--std", "0.2"), "one value per channel"),
+                         (("--mean", "0.5", "--std", "0"), "std[0]: Input should be greater"),
+                         (("--mean", "1.5", "--std", "0.2"), "mean[0]: Input should be less"),
+                         (("--mean", "x", "--std", "0.2"), "comma-separated numbers"),
+                         (("--mean", "nan", "--std", "0.2"), "finite numbers")):
+        r = run_cli(*convert, *bad, "-o", tmp_path / "bad.safetensors")
+        assert r.returncode != 0 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "bad.safetensors").exists()
+    r = run_cli(*convert[:4], "--mean", "0.5", "--std", "0.2", "-o", tmp_path / "bad.safetensors")
+    assert r.returncode != 0 and "name that data set with --data" in r.stderr, r.stderr
