@@ -164,8 +164,8 @@ def _assemble(spec: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: t
 def balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
     """Return the indices, in file order, of the first n images taken round-robin over classes.
 
-    Example: labels [1, 1, 0, 1, 0], n = 3 -> [0, 1, 2] (class 0's first, class 1's first,
-    class 0's second).
+    Example: labels [1, 1, 0, 1, 0], n = 3 -> [0, 2, 4] (class 0's first (2), class 1's
+    first (0), class 0's second (4)).
     """
     rank = torch.empty_like(labels)  # how many earlier images share this image's class
     for c in labels.unique():
@@ -303,7 +303,9 @@ def batch_plan(n: int, train: bool, batch_size: int, epoch: int, seed: int, rank
 
     Training: a permutation of the n images drawn from (seed, epoch), cut into full global
     batches (the last incomplete one dropped). Evaluation: file order, every image. Rank r
-    of `world` gets the r-th contiguous slice of each global batch.
+    of `world` gets the r-th contiguous slice of each global batch, and no batch where that
+    slice is empty (the last evaluation batch, holding fewer images than ranks; a training
+    batch, divided evenly by the engine, never is).
     """
     order = torch.randperm(n, generator=_generator(seed, 0, epoch)) if train else None
     count = n // batch_size if train else -(-n // batch_size)
@@ -311,6 +313,8 @@ def batch_plan(n: int, train: bool, batch_size: int, epoch: int, seed: int, rank
         lo = b * batch_size
         size = min(n, lo + batch_size) - lo
         r0, r1 = size * rank // world, size * (rank + 1) // world  # this rank's slice
+        if r0 == r1:  # a loader cannot collate an empty batch
+            continue
         idx = order[lo + r0:lo + r1] if train else torch.arange(lo + r0, lo + r1)
         yield slice(r0, r1), idx
 

@@ -149,7 +149,13 @@ def image_problem(path: Path) -> str | None:
         return f"cannot read image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     complete = {"JPEG": lambda: _jpeg_complete(tail), "PNG": lambda: _png_complete(tail),
                 "WEBP": lambda: _webp_complete(tail, size, head)}.get(fmt, lambda: True)
-    return None if complete() else f"truncated {fmt} file (its end is missing)"
+    if complete():
+        return None
+    try:  # no end marker at the end: truncated, or data appended after a whole image (a
+        decode(path)  # phone's motion photo carries a video; padding): decoding tells which
+    except BadImage:
+        return f"truncated {fmt} file (its end is missing)"
+    return None
 
 
 def scan(root: Path, split: Split, workers: int, where: str) -> None:

@@ -28,7 +28,7 @@ from mgrow.data import batch_plan, batches, load_data
 from mgrow.engine import Interrupted, TrainConfig, train
 from mgrow.manifest import ArchSpec, MixingSpec
 from mgrow.stream import (IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, RATIO, SCALE, BadImage,
-                          crop_params, sample_key)
+                          crop_params, image_problem, sample_key)
 
 from conftest import CIFAR, run_cli
 
@@ -94,6 +94,23 @@ def test_streamed_batches_deterministic_whatever_the_workers(folder, streamed):
         assert torch.equal(torch.cat([x0, x1]), x)
     other = next(batches(streamed, True, 32, 4, 7))
     assert not torch.equal(other[1], a[0][1])  # another epoch: another order
+
+
+def test_evaluation_slices_cover_the_test_split_once(folder, streamed):
+    """Evaluation over 4 ranks, batch 13 of the 40 test images: the last batch holds 1 image,
+    so 3 ranks have nothing in it and get no batch there (an empty batch crashed the
+    streamed loader's collate under torchrun); every image is evaluated exactly once."""
+    memory = load_data(f"imagefolder:{folder}", mode="memory", input_size=SIZE)
+    for data in (memory, streamed):
+        for world in (1, 2, 4):
+            seen = [y for r in range(world) for _, y in batches(data, False, 13, 0, 0, r, world)]
+            assert all(len(y) > 0 for y in seen)
+            assert sum(map(len, seen)) == 40
+            assert torch.bincount(torch.cat(seen), minlength=10).tolist() == \
+                torch.bincount(data.test_y, minlength=10).tolist()
+    plans = [[idx for _, idx in batch_plan(40, False, 13, 0, 0, r, 4)] for r in range(4)]
+    assert [len(p) for p in plans] == [3, 3, 3, 4]
+    assert torch.equal(torch.cat([i for p in plans for i in p]).sort().values, torch.arange(40))
 
 
 def test_crop_params_follow_torchvision_rule():
@@ -187,6 +204,19 @@ def _png(width: int, height: int, idat: bytes) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat)
             + _png_chunk(b"IEND", b""))
+
+
+def test_data_after_a_whole_image_is_not_truncation(folder, tmp_path):
+    """A JPEG with bytes appended (a phone's motion photo, padding) has no end marker at its
+    end, yet decodes whole: accepted; cut short it is still refused (the next test)."""
+    extra = tmp_path / "extra"
+    shutil.copytree(folder, extra)
+    victims = sorted((extra / "train" / "cat").iterdir())[:2]
+    victims[0].write_bytes(victims[0].read_bytes() + b"\x00" * 600)
+    victims[1].write_bytes(victims[1].read_bytes() + os.urandom(4096))
+    data = load_data(f"imagefolder:{extra}", input_size=SIZE, workers=0)
+    assert data.spec.train_size == 120
+    assert image_problem(victims[0]) is None and image_problem(victims[1]) is None
 
 
 def _spoil(path: Path, how: str) -> None:
