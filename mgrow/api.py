@@ -39,14 +39,22 @@ __all__ = ["Bundle", "DataSource", "MgrowError", "Outcome", "TrainConfig", "buil
            "train_sibling"]
 
 
-def _config(config: TrainConfig | None, epochs: float | None, knobs: dict[str, Any]
-            ) -> TrainConfig:
-    """Return `config`, or one made of `epochs` and the keyword knobs (not both)."""
+def _config(config: TrainConfig | None, epochs: float | None, knobs: dict[str, Any],
+            default_epochs: float = 1.0) -> TrainConfig:
+    """Return `config`, or one made of `epochs` and the keyword knobs (not both: a knob
+    given beside a config would be silently ignored)."""
     if config is not None:
-        if knobs:
-            raise TypeError(f"give config or keyword knobs, not both: {sorted(knobs)}")
+        given = sorted(knobs) + ["epochs"] * (epochs is not None)
+        if given:
+            raise TypeError(f"give config or keyword knobs, not both: {given}")
         return config
-    return TrainConfig(epochs=epochs if epochs is not None else 1.0, **knobs)
+    from pydantic import ValidationError
+    try:
+        return TrainConfig(epochs=epochs if epochs is not None else default_epochs, **knobs)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, err["loc"])) or "config"
+        raise MgrowError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def _source(data: str | DataSource | None, subset: int | None = None) -> DataSource:
@@ -63,15 +71,17 @@ def build_model(bundle: PathLike | Outcome | Bundle) -> nn.Module:
 
 
 def train(arch: str, output: PathLike, *, data: str | DataSource = "digits",
-          epochs: float = 10, width: float = 1.0, mixed: bool = True, norm: str = "every",
+          epochs: float | None = None, width: float = 1.0, mixed: bool = True,
+          norm: str = "every",
           templates: int = 2, sharing: str = "pairs", subset: int | None = None,
           config: TrainConfig | None = None, progress: Progress = "bar",
           resume: bool = False, force: bool = False, **knobs: Any) -> Outcome:
-    """Train a network from scratch (`mgrow train`); return the outcome."""
+    """Train a network from scratch (`mgrow train`; epochs default 10); return the outcome."""
     from .manifest import MixingSpec
     from .phases import train_new
     mixing = MixingSpec(templates=templates, sharing=sharing) if mixed else None
-    return train_new(arch, _source(data, subset), _config(config, epochs, knobs), Path(output),
+    return train_new(arch, _source(data, subset), _config(config, epochs, knobs, 10),
+                     Path(output),
                      mixing=mixing, width=width, norm=norm, resume=resume, progress=progress,
                      force=force)
 
@@ -82,14 +92,14 @@ def train_sibling(small: PathLike | Outcome, output: PathLike | None = None, *,
                   progress: Progress = "bar", resume: bool = False, force: bool = False,
                   **knobs: Any) -> Outcome:
     """Train SMALL's sibling (`mgrow train-sibling`); default output SMALL-sibling, numbered."""
-    from .phases import train_sibling as run
+    from .phases import small_seed, train_sibling as run
     small = _path(small)
-    if config is None:
-        if epochs is None:
-            raise MgrowError("missing epochs: how long to train the sibling")
-        if seed is None:  # a different seed from SMALL's: fresh, independent templates
-            seed = int(load(small).manifest.lineage.options.get("seed", 0)) + 1
+    if config is None and epochs is None:
+        raise MgrowError("missing epochs: how long to train the sibling")
+    if seed is not None:
         knobs["seed"] = seed
+    elif config is None:  # a different seed from SMALL's: fresh, independent templates
+        knobs["seed"] = small_seed(small) + 1
     return run(small, _source(data), _config(config, epochs, knobs),
                None if output is None else Path(output), resume=resume, progress=progress,
                force=force)

@@ -518,10 +518,10 @@ def train_sibling(
     as_json: AsJson = False, force: Force = False,
 ):
     """Train a same-shape sibling of SMALL with fresh, independent templates (for fuse)."""
-    from .bundle import load
     from .api import train_sibling as run
+    from .phases import small_seed
     if seed is None:
-        seed = int(load(small).manifest.lineage.options.get("seed", 0)) + 1
+        seed = small_seed(small) + 1
     cfg = _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device,
                amp, channels_last, compile_, schedule)
     source = _source(data, data_dir, download, subset, data_mode, workers, input_size, stats)

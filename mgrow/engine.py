@@ -82,7 +82,7 @@ class Interrupted(MgrowError):
 class TrainConfig(BaseModel):
     """Every knob of a training run."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     epochs: float = Field(gt=0)  # fractional: round(epochs * steps_per_epoch) steps
     lr: float = Field(0.1, gt=0)  # peak learning rate

@@ -206,6 +206,11 @@ def grown_output(a: Path) -> Path:
     return free_output(a, "grown")
 
 
+def small_seed(small_path: Path) -> int:
+    """Return the seed SMALL's lineage records (0 if none): the sibling's default is + 1."""
+    return int(load(small_path).manifest.lineage.options.get("seed", 0))
+
+
 def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
                   output: Path | None = None, **run) -> Outcome:
     """Train a fresh network of SMALL's exact architecture and mixing spec (stage growth)."""
@@ -213,6 +218,10 @@ def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
     man = small.manifest
     if man.growth is not None or (man.mixing is not None and man.mixing.factor > 1):
         raise MgrowError(f"{small_path}: already grown; a sibling is trained for an ungrown net")
+    if cfg.seed == int(man.lineage.options.get("seed", 0)):
+        raise MgrowError(f"{small_path}: the sibling's seed {cfg.seed} is the small net's own: "
+                         "it would start as its twin (the same templates and data order); "
+                         f"choose another seed (default {cfg.seed + 1})")
     output = Path(output) if output is not None else sibling_output(Path(small_path))
     check_writable(output, run.get("force", False))
     data = source.load(man.data)

@@ -55,7 +55,8 @@ def test_finetune_on_other_size_keeps_the_recorded_data(subset_bundle, tmp_path)
 def test_budget_counts_the_images_actually_used(subset_bundle, tmp_path):
     """A grown net finetuned to a budget on a larger set than recorded stops at the budget."""
     sib = tmp_path / "sib.safetensors"
-    train_sibling(subset_bundle, DataSource(), CFG, sib, progress="quiet")
+    train_sibling(subset_bundle, DataSource(), CFG.model_copy(update={"seed": 1}), sib,
+                  progress="quiet")
     grown = tmp_path / "grown.safetensors"
     fuse_files(subset_bundle, sib, grown)
     out = tmp_path / "ft.safetensors"

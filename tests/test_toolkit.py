@@ -85,6 +85,33 @@ def test_api_is_what_the_cli_calls(example):
 
 # -- info -------------------------------------------------------------------------------------
 
+def test_api_refuses_what_it_would_silently_ignore(example, tmp_path):
+    """A knob beside a config (it was ignored), a sibling seeded as its small net (its twin:
+    the same templates and data order) and a non-finite knob are one-line errors."""
+    folder, _ = example
+    small = folder / "small.safetensors"
+    cfg = mgrow.TrainConfig(epochs=1)
+    with pytest.raises(TypeError, match=r"not both: \['seed'\]"):
+        mgrow.train_sibling(small, tmp_path / "s.safetensors", config=cfg, seed=5)
+    with pytest.raises(TypeError, match=r"not both: \['epochs'\]"):
+        mgrow.train("wrn-10-1", tmp_path / "t.safetensors", config=cfg, epochs=2)
+    own = mgrow.load(small).manifest.lineage.options["seed"]
+    for call in (lambda: mgrow.train_sibling(small, tmp_path / "s.safetensors", epochs=1,
+                                             seed=own),
+                 lambda: mgrow.train_sibling(small, tmp_path / "s.safetensors",
+                                             config=cfg.model_copy(update={"seed": own}))):
+        with pytest.raises(mgrow.MgrowError, match=f"seed {own} is the small net's own"):
+            call()
+    r = run_cli("train-sibling", small, "--epochs", "1", "--seed", own, "-o",
+                tmp_path / "s.safetensors")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "small net's own" in r.stderr
+    assert not (tmp_path / "s.safetensors").exists()
+    with pytest.raises(mgrow.MgrowError, match="epochs: Input should be a finite number"):
+        mgrow.train("wrn-10-1", tmp_path / "t.safetensors", epochs=float("inf"))
+    with pytest.raises(mgrow.MgrowError, match="bogus: Extra inputs are not permitted"):
+        mgrow.train("wrn-10-1", tmp_path / "t.safetensors", epochs=1, bogus=3)
+
+
 def test_info_fields(example):
     """Manifest, lineage down to the first net, ledger and parameter counts of the final
     bundle, as JSON from the real CLI."""
