@@ -48,7 +48,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     data = read_bytes(p)
     if p.suffix == ".safetensors":
         header(data, p)
-        return conform(load_tensors(data, p), p)
+        return with_bn_counters(conform(load_tensors(data, p), p))
     import io
     import pickle
     import warnings
@@ -68,7 +68,16 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise MgrowError(f"{p}: no state_dict found (expected a dict of tensors, or one under "
                          "'state_dict' or 'model')")
-    return conform(strip_wrappers(obj), p)
+    return with_bn_counters(conform(strip_wrappers(obj), p))
+
+
+def with_bn_counters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return `state` with a zero `num_batches_tracked` beside every BN's running mean that
+    lacks one, as torch's BatchNorm loader adds it (so torchvision loads them): checkpoints
+    saved before PyTorch 0.4.1 have no such counters."""
+    missing = {f"{k[:-len('running_mean')]}num_batches_tracked" for k in state
+               if k.endswith("running_mean")} - state.keys()
+    return {**state, **{k: torch.tensor(0) for k in sorted(missing)}}
 
 
 WRAPPERS = ("module.", "model.", "_orig_mod.")  # DataParallel/DDP, Lightning, torch.compile

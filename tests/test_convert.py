@@ -56,6 +56,28 @@ def test_convert_torchvision_checkpoints(name, factory, cifar_batch):
     assert _rel(ref, _mixed_logits(tv.state_dict(), arch, cifar_batch)) <= 1e-5
 
 
+def test_checkpoint_without_bn_counters_converts(tmp_path, cifar_batch):
+    """A checkpoint saved before PyTorch 0.4.1 has no num_batches_tracked: torch's BN loader
+    fills in zeros (torchvision loads it), and convert does the same, exactly."""
+    tv = randomize_norms(torchvision.models.resnet18(num_classes=10), 1).eval()
+    old = {k: v for k, v in tv.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(tv.state_dict())
+    torch.save(old, tmp_path / "old.pth")
+    torchvision.models.resnet18(num_classes=10).load_state_dict(
+        torch.load(tmp_path / "old.pth"), strict=True)  # torch's own rule
+    with torch.no_grad():
+        ref = tv(cifar_batch)
+    for extra in ((), ("--plain",)):
+        out = tmp_path / f"old{len(extra)}.safetensors"
+        r = run_cli("convert", tmp_path / "old.pth", "--arch", "resnet18", "-o", out, *extra)
+        assert r.returncode == 0, r.stderr
+        bundle = load(out)
+        counters = [v for k, v in bundle.tensors.items() if k.endswith("num_batches_tracked")]
+        assert len(counters) == 20 and all(int(v) == 0 for v in counters)
+        with torch.no_grad():
+            assert _rel(ref, bundle.model().eval()(cifar_batch)) <= 1e-5
+
+
 @pytest.mark.parametrize("templates,sharing", [(2, "pairs"), (3, "pairs"), (1, "none")])
 def test_convert_other_layouts_exact(templates, sharing, cifar_batch):
     arch = ArchSpec(name="wrn-16-2", width=0.5)
