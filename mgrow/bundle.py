@@ -44,8 +44,7 @@ class Bundle:
 
     def model(self) -> nn.Module:
         """Return the network this bundle describes, with its tensors loaded."""
-        from .arch import build
-        model = build(self.manifest.arch, self.manifest.mixing, meta=True)
+        model = skeleton(self.manifest, self.path)
         check_tensors(model, self.tensors, self.path)
         model = model.to_empty(device="cpu")
         model.load_state_dict(self.tensors, strict=True)
@@ -221,15 +220,27 @@ def load(path: str | os.PathLike) -> Bundle:
     manifest = parse_manifest(meta[META_KEY], path)
     tensors = conform(load_tensors(data, path), path)
     bundle = Bundle(manifest, tensors, Path(path), hashlib.sha256(data).hexdigest())
-    from .arch import build
-    check_tensors(build(manifest.arch, manifest.mixing, meta=True), tensors, path)
+    check_tensors(skeleton(manifest, path), tensors, path)
     return bundle
 
 
+def skeleton(manifest: Manifest, where: object) -> nn.Module:
+    """Return the network `manifest` describes, on the meta device (no memory), or raise
+    MgrowError naming `where` when its widths do not split into its tile grid."""
+    from .arch import build
+    try:
+        return build(manifest.arch, manifest.mixing, meta=True)
+    except ValueError as e:
+        raise MgrowError(f"{where}: invalid manifest: {e}") from None
+
+
 def to_bytes(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> bytes:
-    """Return the safetensors bytes of a bundle."""
+    """Return the safetensors bytes of a bundle whose manifest `load` will accept: checked
+    again here, as model_copy(update=...) does not validate what it sets."""
+    text = manifest.to_json()
+    parse_manifest(text, "the bundle to write")
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return safetensors.torch.save(flat, metadata={META_KEY: manifest.to_json()})
+    return safetensors.torch.save(flat, metadata={META_KEY: text})
 
 
 def save(path: str | os.PathLike, manifest: Manifest, tensors: dict[str, torch.Tensor],

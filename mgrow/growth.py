@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from . import MgrowError
+from . import limits as L
 from .arch import build
 from .bundle import Bundle, check_tensors
 from .manifest import ArchSpec, DatasetSpec, Growth, Manifest, MixingSpec, Phase
@@ -213,6 +214,9 @@ def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
     spec = first.mixing or MixingSpec()
     arch = first.arch.widened(g)
     before = grid(members[0])
+    if g * before > L.MAX_FACTOR:
+        raise MgrowError(f"{members[0].path}: its {before} x {before} grid of tiles grown by "
+                         f"{g} would be {g * before} x {g * before}; the limit is {L.MAX_FACTOR}")
     if method == "mixture" and before > 1 and spec.tiling != tiling:
         raise MgrowError(f"{members[0].path}: grown with --tiling {spec.tiling}; grow it "
                          f"again with the same tiling (its carried tiles keep their owners)")
@@ -274,12 +278,23 @@ def _blocks(parts: list[torch.Tensor], g: int) -> torch.Tensor:
     return torch.cat([parts[j % len(parts)] for j in range(g)])
 
 
+def _old_block(j: int, before: int, m: int) -> int:
+    """Return which of a grown net's `before` blocks (owned in turn by its m members) block j
+    of the regrown net starts from: itself if carried, else one of the same owner j mod m,
+    as in a first fuse (the first `before` cut to a multiple of m, repeated: a 3-block grid
+    of 2 members gives 0 1 2 | 1 0 1 ...)."""
+    if j < before:
+        return j
+    cycle = before - before % m if before >= m else before
+    return j % cycle
+
+
 def _common(states: list[dict[str, torch.Tensor]], skeleton: torch.nn.Module, g: int,
-            head: str, before: int = 1) -> dict[str, torch.Tensor]:
+            head: str, before: int = 1, m: int = 1) -> dict[str, torch.Tensor]:
     """Return the grown norm layers and biases (blocks per member; the classifier's mean).
 
-    `before` > 1: the one member is itself a grid of `before` blocks, and block j of the
-    grown net is its block j mod `before`.
+    `before` > 1: the one member is itself a grid of `before` blocks owned in turn by `m`
+    members, and block j of the grown net is its block _old_block(j, before, m).
     """
     out = {}
     layers = mixed_layers(skeleton)
@@ -293,7 +308,9 @@ def _common(states: list[dict[str, torch.Tensor]], skeleton: torch.nn.Module, g:
         elif parts[0].dim() == 0:  # num_batches_tracked
             out[key] = parts[0].clone()
         else:
-            out[key] = _blocks([c for p in parts for c in p.chunk(before)], g)
+            blocks = [c for p in parts for c in p.chunk(before)]
+            out[key] = torch.cat([blocks[_old_block(j, before, m)] for j in range(g)]) \
+                if before > 1 else _blocks(blocks, g)
         assert out[key].shape == ref.shape, key
     return out
 
@@ -309,7 +326,7 @@ def _mixture(job: Job) -> Result:
     before = grid(members[0])  # > 1: growing a grown net again, alone
     m = len(members) if before == 1 else members[0].manifest.mixing.members
     head = _head(skeleton)
-    out = _common(states, skeleton, _g(skeleton), head, before)
+    out = _common(states, skeleton, _g(skeleton), head, before, m)
     for n in range(len(skeleton.banks)):
         out[f"banks.{n}"] = torch.cat([s[f"banks.{n}"] for s in states])  # (m, t, o, i, *k)
     layers = mixed_layers(skeleton)
@@ -325,9 +342,9 @@ def _mixture(job: Job) -> Result:
 
     def source(name: str, layer: MixedLayer, r: int, c: int) -> torch.Tensor:
         """Return the owner's own coefficients at this layer (what `copy` copies)."""
-        if before > 1:
+        if before > 1:  # an old tile of the same owner
             a = states[0][f"{name}.alpha"]
-            return a[r % a.shape[0], c % a.shape[1]].double()
+            return a[_old_block(r, a.shape[0], m), _old_block(c, a.shape[1], m)].double()
         return states[owner(layer, r, c, m)][f"{name}.alpha"][0, 0].double()
 
     alphas = {name: torch.zeros(layer.alpha.shape, dtype=torch.float64)

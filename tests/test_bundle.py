@@ -81,6 +81,10 @@ def _bad_files(bundle_file, d):
     cases[_with_manifest(bundle_file, d / "unknown.safetensors",
                          lambda m: m["arch"].update(name="mobilenet"))] = \
         "unknown architecture 'mobilenet'"
+    cases[_with_manifest(bundle_file, d / "grid.safetensors",  # 3 channels in a 2x2 grid
+                         lambda m: (m["arch"].update(width=0.1875),
+                                    m["mixing"].update(factor=2)))] = \
+        "grid.safetensors: invalid manifest: .*does not split"
     return cases
 
 

@@ -150,3 +150,43 @@ def test_regrowth_refusals(members, tmp_path):
     r = run_cli("fuse", half.path, "-o", tmp_path / "full.safetensors", "--init", "zero")
     assert r.returncode == 0, r.stderr
     assert load(tmp_path / "full.safetensors").manifest.arch.width == 1.0
+
+
+def test_regrowing_an_odd_grid_keeps_every_tile_with_its_owner(members):
+    """A and B fused by 3 (rows owned A B A), grown again by 2 with --init copy: every tile of
+    row r and BN block r is member r mod 2's, as in a first fuse (new row 3 used to copy row
+    0, A's coefficients over B's templates, and block 3 A's statistics)."""
+    a, b, d = members
+    third = _saved(fuse([a, b], factor=3, init="copy", noise=0), d / "third.safetensors")
+    full = fuse([third], init="copy", noise=0)
+    assert full.manifest.mixing.factor == 6 and full.manifest.mixing.members == 2
+    own = (a.tensors, b.tensors)
+    layers = mixed_layers(_model(full))
+    inner = [n for n, layer in layers.items() if layer.role == "inner"]
+    assert inner
+    for name in inner:
+        alpha = full.tensors[f"{name}.alpha"]  # (6, 6, t)
+        for r in range(6):
+            for c in range(6):
+                assert torch.equal(alpha[r, c], own[r % 2][f"{name}.alpha"][0, 0]), (name, r, c)
+    norms = [k for k in a.tensors if k.endswith(("running_mean", "running_var", ".weight"))
+             and k.rpartition(".")[0] not in layers and a.tensors[k].dim() == 1]
+    assert norms
+    for key in norms:
+        for j, block in enumerate(full.tensors[key].chunk(6)):
+            assert torch.equal(block, own[j % 2][key]), (key, j)
+
+
+def test_regrowth_beyond_the_grid_limit_is_refused_and_never_written(members, tmp_path):
+    a, b, d = members
+    half = _saved(fuse([a, b]), tmp_path / "half.safetensors")
+    with pytest.raises(MgrowError, match="2 x 2 grid of tiles grown by 33 would be 66 x 66; "
+                                         "the limit is 64"):
+        fuse([half], factor=33)
+    # whatever a manifest update sets, a bundle `load` would refuse is never written
+    mixing = half.manifest.mixing.model_copy(update={"factor": 128})  # not validated
+    with pytest.raises(MgrowError, match="the bundle to write: invalid manifest: "
+                                         "mixing.factor"):
+        save(tmp_path / "bad.safetensors", half.manifest.model_copy(update={"mixing": mixing}),
+             half.tensors)
+    assert not (tmp_path / "bad.safetensors").exists()
