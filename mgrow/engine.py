@@ -153,15 +153,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """Return the torch device for 'auto', 'cpu', 'cuda' or 'cuda:N'."""
+    """Return the torch device for 'auto', 'cpu', 'cuda' or 'cuda:N'. Under torchrun
+    (WORLD_SIZE > 1) 'cuda' (and auto's) is this process's own GPU, cuda:LOCAL_RANK, for
+    every use (training, BN recalibration, the memory check), not GPU 0 for all."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise MgrowError(f"unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MgrowError(f"device {name!r}: no CUDA device is available")
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise MgrowError(f"unknown device {name!r} (expected auto, cpu, cuda or "
+                             f"cuda:N)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise MgrowError(f"device {name!r}: no CUDA device is available")
+    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
 
 
@@ -217,8 +223,6 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
     """
     t0 = time.perf_counter()
     dev = resolve_device(cfg.device)
-    if dev.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     per_epoch = steps_per_epoch(data, cfg.batch_size)
     if per_epoch == 0:
         raise MgrowError(f"--batch-size {cfg.batch_size} exceeds the {len(data.train_y)} "

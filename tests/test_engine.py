@@ -128,6 +128,22 @@ def test_lr_schedule():
     assert warmup_steps(TrainConfig(epochs=1, warmup_epochs=0), 10, 10) == 0
 
 
+def test_every_use_of_cuda_under_torchrun_is_the_local_gpu(monkeypatch):
+    """resolve_device is the one rule (training, BN recalibration and the memory check all
+    call it): under torchrun a bare cuda is cuda:LOCAL_RANK; alone, or cuda:N, as given.
+    (No GPU here: torch.cuda.is_available is patched; torch.device needs no GPU.)"""
+    from mgrow.engine import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for name in ("auto", "cuda"):
+        assert resolve_device(name) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def test_config_is_validated_and_frozen():
     with pytest.raises(ValueError):
         TrainConfig(epochs=0)

@@ -219,6 +219,21 @@ def test_data_after_a_whole_image_is_not_truncation(folder, tmp_path):
     assert image_problem(victims[0]) is None and image_problem(victims[1]) is None
 
 
+def test_scan_in_chunks_names_the_first_bad_file(folder, tmp_path, monkeypatch):
+    """The header scan checks SCAN_CHUNK files at a time (bounded memory on ImageNet): with
+    chunks of 7, bad files in two later chunks (listing order 61 and 69: dog is the sixth
+    class of 12 images each), the first in listing order is named."""
+    import mgrow.stream
+    monkeypatch.setattr(mgrow.stream, "SCAN_CHUNK", 7)
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    files = sorted((bad / "train" / "dog").iterdir())
+    for victim in (files[9], files[1]):
+        victim.write_bytes(b"not an image" * 10)
+    with pytest.raises(BadImage, match=f"{files[1]}: cannot read image"):
+        load_data(f"imagefolder:{bad}", input_size=SIZE)
+
+
 def _spoil(path: Path, how: str) -> None:
     """Replace a real JPEG of the folder with a bad file of the kind `how`."""
     data = path.read_bytes()
