@@ -213,20 +213,23 @@ def cka(a: PathLike | Outcome, b: PathLike | Outcome, data: str | DataSource | N
     """Return linear CKA between every feature layer of A and of B (`mgrow cka`).
 
     Both run on the first `images` test images of `data` (default: A's data set; default
-    count: 512, or the whole test split if it is smaller). The
+    count: 512, or the whole test split if it is smaller), each normalised as it records.
+    The
     result's `.matrix[i][j]` compares A's layer `.layers_a[i]` with B's `.layers_b[j]`;
     `.matched()` gives the layers present in both under one name.
     """
     from .engine import resolve_device
-    from .phases import check_fits
+    from .phases import check_fits, with_normalisation
     from .similarity import cka_models, images as first_images
     ba, bb = load(_path(a)), load(_path(b))
     data_ = _source(data).load(ba.manifest.data)
     for x in (ba, bb):
         check_fits(x.manifest.arch, data_)
     dev = resolve_device(device)
-    x = first_images(data_, min(512, len(data_.test_y)) if images is None else images).to(dev)
-    return cka_models(ba.model().to(dev), bb.model().to(dev), x)
+    n = min(512, len(data_.test_y)) if images is None else images
+    data_b = data_ if bb.manifest.data is None else with_normalisation(data_, bb.manifest.data)
+    x, xb = first_images(data_, n).to(dev), first_images(data_b, n).to(dev)
+    return cka_models(ba.model().to(dev), bb.model().to(dev), x, xb)
 
 
 def write_heatmap(result, path: PathLike, a_label: str, b_label: str,

@@ -69,7 +69,7 @@ def param_counts(tensors: dict[str, torch.Tensor], arch: ArchSpec,
     buffers (running statistics) are not parameters.
     """
     from .arch import build
-    model = build(arch, mixing)
+    model = build(arch, mixing, meta=True)  # names and shapes only
     norms = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
     counts = dict.fromkeys(("templates", "coefficients", "weights", "norms", "biases"), 0)
     params = {n for n, _ in model.named_parameters()} | {
@@ -80,7 +80,7 @@ def param_counts(tensors: dict[str, torch.Tensor], arch: ArchSpec,
                 else "norms" if mod in norms else "biases" if leaf == "bias" else "weights")
         counts[kind] += tensors[name].numel()
     counts["total"] = sum(counts.values())
-    counts["plain_equivalent"] = sum(p.numel() for p in build(arch).parameters())
+    counts["plain_equivalent"] = sum(p.numel() for p in build(arch, meta=True).parameters())
     return counts
 
 

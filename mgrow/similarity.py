@@ -98,9 +98,11 @@ class CkaResult:
                 if name in col}
 
 
-def cka_models(a: nn.Module, b: nn.Module, x: torch.Tensor) -> CkaResult:
-    """Return linear CKA between every feature layer of `a` and every one of `b` on x."""
-    ga, gb = grams(a, x), grams(b, x)
+def cka_models(a: nn.Module, b: nn.Module, x: torch.Tensor,
+               xb: torch.Tensor | None = None) -> CkaResult:
+    """Return linear CKA between every feature layer of `a` and every one of `b` on x (b on
+    `xb` when given: the same images, normalised as b was trained)."""
+    ga, gb = grams(a, x), grams(b, x if xb is None else xb)
     matrix = [[cka_from_grams(ka, kb) for kb in gb.values()] for ka in ga.values()]
     return CkaResult(list(ga), list(gb), matrix, len(x))
 

@@ -180,6 +180,22 @@ def test_cka_of_a_bundle_with_itself_is_one_on_the_diagonal(example):
     assert (off < 1 - 1e-3).all() and (off > 0).all()  # other layers differ
 
 
+def test_cka_feeds_each_bundle_its_own_normalisation(example, tmp_path):
+    """B recording another std sees the images normalised by it (it was fed A's): small
+    against itself re-recorded with twice the std is small on x against small on x / 2."""
+    from mgrow.bundle import save
+    folder, _ = example
+    small = mgrow.load(folder / "small.safetensors")
+    man = small.manifest
+    data = man.data.model_copy(update={"std": tuple(2 * s for s in man.data.std)})
+    save(tmp_path / "b.safetensors", man.model_copy(update={"data": data}), small.tensors)
+    got = mgrow.cka(folder / "small.safetensors", tmp_path / "b.safetensors")
+    x = images(mgrow.DataSource("digits").load(man.data), 360)
+    net = small.model()
+    np.testing.assert_allclose(got.matrix, cka_models(net, net, x, x / 2).matrix, atol=1e-9)
+    assert min(got.matrix[i][i] for i in range(len(got.matrix))) < 1 - 1e-3  # not x for both
+
+
 def _features(bundle: Path, layer: str, n: int = 300) -> torch.Tensor:
     """Return one layer's output (n, ...) of a bundle on the first n digits test images."""
     model = mgrow.build_model(bundle).eval()
