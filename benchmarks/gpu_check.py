@@ -3,6 +3,11 @@
     python benchmarks/gpu_check.py               # one CUDA GPU; < 8 minutes on an H100
     python benchmarks/gpu_check.py --cpu-smoke   # the same code end to end on CPU, tiny sizes
 
+On this workplace's GPU machine (nothing installed, no network), prepare here with
+`bash benchmarks/gpu_prepare.sh` (wheels the machine's image lacks into .whl/, a slice of
+real CIFAR-10 into .cifar/), then run `bash benchmarks/gpu_run.sh` there, carrying .whl
+and .cifar; it writes its log to $OUT/gpu_check.log.
+
 (a) `pytest -m cuda`: bf16 autocast + channels_last training, mixed logits = plain logits,
     interrupt + resume on the GPU, and no host sync per training step (tests/test_cuda.py).
 (b) Training images/s of the plain and the template-mixed WRN-28-10 at batch 128, bf16
@@ -10,11 +15,11 @@
     zero_grad, backward, SGD step, the engine's on-device non-finite bookkeeping). Steps
     alternate between the two nets so machine noise hits both alike; after the warm-up
     steps, each timed step is bracketed by torch.cuda.synchronize; medians are reported.
-    Real CIFAR-10 images when ../shared/data/cifar10 exists, else random ones (the speed
-    does not depend on pixel values).
+    Real CIFAR-10 images (--cifar, default ../shared/data/cifar10) when found, else random
+    ones (the speed does not depend on pixel values).
 (c) Fuse of two WRN-28-5 members: the CLI's whole fuse (load both bundles, grow, write),
     and load + grow + the grown WRN-28-10 built on the GPU, ready to train; one forward
-    there is checked against the CPU's.
+    there is checked against the CPU's (TF32 off for that check: both in float32).
 (d) Streamed training: the template-mixed ResNet-50 (1000 classes) at batch 256, bf16
     autocast and channels_last, fed by mgrow's streamed loader (mgrow.data.batches on an
     image folder: --workers processes decode JPEGs and apply RandomResizedCrop(224) + flip,
@@ -23,6 +28,9 @@
     20 batches' worth. Each step is timed in two parts, bracketed by
     torch.cuda.synchronize: waiting for the next batch (loader + copy + normalise) and the
     training step; reported: images/s and the share of step time spent waiting for data.
+    The loader prefetches (workers x 4 batches), so that share can hide a slow loader on
+    so short a run: the loader alone is also timed over another epoch in batches of 32,
+    from its first batch on, and compared with the training steps' own images/s.
 Exit status: that of the tests (non-zero if any failed), else 0.
 """
 
@@ -41,14 +49,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mgrow.arch import build
-from mgrow.bundle import load, save_model
-from mgrow.engine import lr_at, param_groups
-from mgrow.growth import fuse, fuse_files
-from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec
-
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+sys.path.insert(0, str(ROOT))  # mgrow from this checkout, installed or not (the GPU machine)
+
+from mgrow.arch import build  # noqa: E402
+from mgrow.bundle import load, save_model  # noqa: E402
+from mgrow.engine import lr_at, param_groups  # noqa: E402
+from mgrow.growth import fuse, fuse_files  # noqa: E402
+from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec  # noqa: E402
+
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"  # --cifar
 FULL = dict(arch="wrn-28-10", batch=128, warmup=10, steps=30, fuse_arch="wrn-28-5", repeats=3,
             stream=dict(width=1.0, size=224, batch=256, warmup=5, steps=15, sides=(160, 400)))
 SMOKE = dict(arch="wrn-10-1", batch=8, warmup=1, steps=2, fuse_arch="wrn-10-1", repeats=1,
@@ -63,7 +73,7 @@ def sync(dev: torch.device) -> None:
 def images(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Return n CIFAR-10 training images (normalised) and labels, and where they came from."""
     if (CIFAR / "train_1.npz").exists():
-        with np.load(CIFAR / "train_1.npz") as f:
+        with np.load(CIFAR / "train_1.npz") as f:  # CIFAR: set from --cifar in main
             x = torch.from_numpy(f["images"][:n]).permute(0, 3, 1, 2).float() / 255
             y = torch.from_numpy(f["labels"][:n]).long()
         return (x - 0.47) / 0.25, y, "real CIFAR-10"
@@ -78,8 +88,8 @@ def run_tests(smoke: bool) -> int:
           flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-s",
-                           "-p", "no:cacheprovider", "tests"], cwd=ROOT, capture_output=True,
-                          text=True)
+                           "-p", "no:cacheprovider", "tests/test_cuda.py"], cwd=ROOT,
+                          capture_output=True, text=True)
     lines = [s for s in proc.stdout.splitlines() if s.strip()]
     for line in [s for s in lines if "synchronizing CUDA calls" in s] + lines[-12:]:
         print("    " + line)
@@ -99,6 +109,8 @@ def throughput(size: dict, dev: torch.device) -> None:
           f"{'bf16 autocast' if amp else 'fp32 (no autocast on CPU)'}, channels_last, "
           f"{source} images", flush=True)
     nets = {}
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     for name, mixing in (("plain", None), ("mixed", MixingSpec())):
         model = build(ArchSpec(name=size["arch"]), mixing).to(dev)
         for m in model.modules():  # as the engine does: conv weights only
@@ -138,7 +150,8 @@ def throughput(size: dict, dev: torch.device) -> None:
               f"{speed[name]:8.0f} images/s")
     print(f"    images/s mixed / plain: {speed['mixed'] / speed['plain']:.3f}")
     if dev.type == "cuda":
-        print(f"    peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
+        print(f"    peak GPU memory, both nets resident: "
+              f"{torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB")
     del nets
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -174,13 +187,18 @@ def fuse_time(size: dict, dev: torch.device) -> None:
               f"{statistics.median(to_dev):.2f} s of {size['repeats']}")
         x, _, _ = images(8)
         model.eval()
-        with torch.no_grad():
-            got = model(x.to(dev)).float().cpu()
-            want = load(d / "g0.safetensors").model().eval()(x)
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with torch.no_grad():
+                got = model(x.to(dev)).float().cpu()
+                want = load(d / "g0.safetensors").model().eval()(x)
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         err = float((got - want).abs().max() / want.abs().max())
-        print(f"    logits on {dev} vs CPU from the written bundle: max relative difference "
-              f"{err:.1e}")
-        if not err < 1e-2:  # TF32 convolutions on the GPU
+        print(f"    logits on {dev} vs CPU from the written bundle (float32, no TF32): max "
+              f"relative difference {err:.1e}")
+        if not err < 1e-3:
             raise SystemExit("the grown net on the device disagrees with the written bundle")
 
 
@@ -201,7 +219,7 @@ def streamed(size: dict, dev: torch.device, workers: int) -> None:
     spec.loader.exec_module(mod)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        folder = mod.make_image_folder(Path(d), count, 10, *s["sides"])
+        folder = mod.make_image_folder(Path(d), count, 10, *s["sides"], cifar=CIFAR)
         data = load_data(f"imagefolder:{folder}", input_size=s["size"], workers=workers)
         print(f"    folder of {count} photographs written and listed in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
@@ -239,9 +257,23 @@ def streamed(size: dict, dev: torch.device, workers: int) -> None:
               f"{statistics.median(steps) * 1000:.1f} ms)")
         if not torch.isfinite(loss.detach()):
             raise SystemExit("non-finite loss in the streamed run")
+        # the loader alone over another epoch in batches of 32 (many more batches than
+        # workers x prefetch, so steady state dominates), from its first batch on
+        t0, n = None, 0
+        for x, _ in batches(data, True, min(32, s["batch"]), 1, 0, device=dev):
+            sync(dev)
+            if t0 is None:
+                t0 = time.perf_counter()
+            else:
+                n += len(x)
+        alone = n / (time.perf_counter() - t0)
+        print(f"    the loader alone: {alone:8.0f} images/s ({workers} workers); "
+              f"loader / training steps: {alone / (s['batch'] * len(steps) / sum(steps)):.2f} "
+              f"(below 1: data-bound)")
 
 
 def main() -> None:
+    global CIFAR
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run everything on CPU at tiny sizes (wrn-10-1, batch 8, 2 steps)")
@@ -249,7 +281,14 @@ def main() -> None:
     p.add_argument("--skip-tests", action="store_true", help="skip (a)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="loader processes in (d) [default: every CPU]")
+    p.add_argument("--cifar", type=Path, default=CIFAR,
+                   help="folder of CIFAR-10 npz files (train_*.npz, test.npz) [default: "
+                        "../shared/data/cifar10]")
     a = p.parse_args()
+    CIFAR = a.cifar.resolve()
+    if not (CIFAR / "test.npz").exists():
+        raise SystemExit(f"{CIFAR}: no CIFAR-10 npz files (give --cifar; (d) writes its "
+                         f"photographs from them)")
     size = dict(SMOKE if a.cpu_smoke else FULL)
     if a.steps:
         size["steps"] = a.steps

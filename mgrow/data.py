@@ -36,6 +36,7 @@ then sliced, so every rank count sees the same images, augmented the same way.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -321,9 +322,18 @@ def batch_plan(n: int, train: bool, batch_size: int, epoch: int, seed: int, rank
 
 def normalise(x: torch.Tensor, spec: DatasetSpec) -> torch.Tensor:
     """Return uint8 images (b, C, H, W) as float32 normalised by the spec's mean and std."""
-    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1) * 255  # 0-255 scale
-    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1) * 255
+    mean, std = _scale(spec.mean, spec.std, x.device)
     return x.float().sub_(mean).div_(std)  # in place: the same float32 ops, one buffer
+
+
+@functools.lru_cache(maxsize=16)
+def _scale(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return mean and std (1, C, 1, 1) on the 0-255 scale on `device`, made once: a fresh
+    torch.tensor(..., device=cuda) per batch is a blocking copy, a host sync every step."""
+    def column(v: tuple[float, ...]) -> torch.Tensor:
+        return (torch.tensor(v).view(1, -1, 1, 1) * 255).to(device)  # float32, as always
+    return column(mean), column(std)
 
 
 def crop_flip(x: torch.Tensor, shift: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@
   scheduler state.
 - Deterministic: the data order and augmentation come from (seed, epoch, batch) (see
   mgrow.data), and a checkpoint holds the model, optimizer, step, images seen and the torch
-  CPU RNG state, so a resumed run is bit-for-bit the uninterrupted one on the same device.
+  RNG states (CPU, and the GPU's for dropout), so a resumed run is bit-for-bit the
+  uninterrupted one on the CPU; on a GPU, up to the round-off of kernels that sum in
+  another order from run to run (cuDNN, atomics).
 - After every epoch: evaluation on the test split, one JSON line in the metrics file
   (truncated by a fresh run; a resumed one drops the lines of epochs after its checkpoint,
   then appends), the same records as CSV beside it (`OUT.summary.csv`, one row per epoch,
@@ -460,7 +462,9 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
     """Write a resumable training checkpoint atomically; `epoch_loss` is the (mean training
     loss, steps) of the unfinished epoch, so a resumed run reports the whole epoch's mean."""
     buf = io.BytesIO()
-    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+    dev = next(model.parameters()).device
+    cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(dev)} if dev.type == "cuda" else {}
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), **cuda_rng,
                 "optimizer": opt.state_dict(), "step": step, "epoch": step // per_epoch,
                 "images": images, "wall_s": wall_s, "train_loss": train_loss,
                 "epoch_loss": list(epoch_loss), "rng": torch.get_rng_state(),
@@ -541,6 +545,9 @@ def _load_checkpoint(path: Path | None, model: nn.Module, opt: torch.optim.Optim
     model.load_state_dict(ck["model"], strict=True)
     opt.load_state_dict(ck["optimizer"])
     torch.set_rng_state(ck["rng"])
+    dev = next(model.parameters()).device
+    if dev.type == "cuda" and isinstance(ck.get("cuda_rng"), torch.Tensor):  # dropout masks
+        torch.cuda.set_rng_state(ck["cuda_rng"], dev)
     counters = {k: ck[k] for k in ("step", "images", "wall_s", "train_loss")}
     mean, n = ck.get("epoch_loss", (0.0, 0))  # absent from older checkpoints
     return counters | {"epoch_loss": (float(mean), int(n))}

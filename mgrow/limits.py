@@ -236,7 +236,10 @@ def check_memory(need: int, what: str, device: torch.device | None = None) -> No
     """Raise MgrowError if `need` bytes do not fit the memory left (host, or a CUDA device)."""
     if device is not None and device.type == "cuda":
         import torch
-        have, where = torch.cuda.mem_get_info(device)[0], f"{device} has"
+        # free on the device, plus what this process's caching allocator holds unused
+        have = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+            - torch.cuda.memory_allocated(device)
+        where = f"{device} has"
     else:
         have = available_memory()
         where = "this machine has" if memory_cap() != have else "MGROW_MEMORY_LIMIT allows"

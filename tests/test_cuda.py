@@ -80,9 +80,15 @@ def test_interrupt_and_resume_on_cuda(digits, tmp_path):
     with pytest.raises(Interrupted, match="stopped by SIGINT at epoch 1, step 5 of 22"):
         train(model, digits, cfg, checkpoint=tmp_path / "ck", progress="quiet")
     handle.remove()
+    torch.cuda.manual_seed(3)  # what the run seeded; no op of this net draws from it
+    seeded = torch.cuda.get_rng_state()
+    saved = torch.load(tmp_path / "ck", weights_only=True)
+    assert torch.equal(saved["cuda_rng"], seeded)  # the GPU's RNG (dropout masks) is saved
+    torch.cuda.manual_seed(12345)  # ... and restored on resume
     resumed = _float64(build(ARCH, MixingSpec(), seed=99))
     result = train(resumed, digits, cfg, checkpoint=tmp_path / "ck", resume=True,
                    progress="quiet")
+    assert torch.equal(torch.cuda.get_rng_state(), seeded)
     assert (result.steps, result.images) == (22, 22 * 128)
     want, got = whole.state_dict(), resumed.state_dict()
     for name, p in whole.named_parameters():
