@@ -72,8 +72,8 @@ def build_model(bundle: PathLike | Outcome | Bundle) -> nn.Module:
 
 def train(arch: str, output: PathLike, *, data: str | DataSource = "digits",
           epochs: float | None = None, width: float = 1.0, mixed: bool = True,
-          norm: str = "every",
-          templates: int = 2, sharing: str = "pairs", subset: int | None = None,
+          norm: str = "every", templates: int = 2, sharing: str = "pairs",
+          subset: int | None = None,
           config: TrainConfig | None = None, progress: Progress = "bar",
           resume: bool = False, force: bool = False, **knobs: Any) -> Outcome:
     """Train a network from scratch (`mgrow train`; epochs default 10); return the outcome."""
@@ -81,9 +81,8 @@ def train(arch: str, output: PathLike, *, data: str | DataSource = "digits",
     from .phases import train_new
     mixing = MixingSpec(templates=templates, sharing=sharing) if mixed else None
     return train_new(arch, _source(data, subset), _config(config, epochs, knobs, 10),
-                     Path(output),
-                     mixing=mixing, width=width, norm=norm, resume=resume, progress=progress,
-                     force=force)
+                     Path(output), mixing=mixing, width=width, norm=norm, resume=resume,
+                     progress=progress, force=force)
 
 
 def train_sibling(small: PathLike | Outcome, output: PathLike | None = None, *,
@@ -214,9 +213,8 @@ def cka(a: PathLike | Outcome, b: PathLike | Outcome, data: str | DataSource | N
 
     Both run on the first `images` test images of `data` (default: A's data set; default
     count: 512, or the whole test split if it is smaller), each normalised as it records.
-    The
-    result's `.matrix[i][j]` compares A's layer `.layers_a[i]` with B's `.layers_b[j]`;
-    `.matched()` gives the layers present in both under one name.
+    The result's `.matrix[i][j]` compares A's layer `.layers_a[i]` with B's
+    `.layers_b[j]`; `.matched()` gives the layers present in both under one name.
     """
     from .engine import resolve_device
     from .phases import check_fits, with_normalisation

@@ -307,7 +307,7 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
         from .data import load_data
         dataset = load_data(data).spec
         if normalisation is not None:
-            dataset = with_normalisation(dataset, *normalisation)
+            dataset = normalised_as(dataset, *normalisation)
     options = {"arch": arch_name, "seed": seed, "mixed": mixing is not None}
     if mixing is not None:
         options["spare"] = spare
@@ -317,8 +317,8 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     return save(output, manifest, tensors, force), manifest
 
 
-def with_normalisation(spec: DatasetSpec, mean: tuple[float, ...], std: tuple[float, ...]
-                       ) -> DatasetSpec:
+def normalised_as(spec: DatasetSpec, mean: tuple[float, ...], std: tuple[float, ...]
+                  ) -> DatasetSpec:
     """Return `spec` recording `mean` and `std` (one value per channel, or one for all)."""
     c = spec.channels
     mean, std = (mean * c if len(mean) == 1 else mean), (std * c if len(std) == 1 else std)

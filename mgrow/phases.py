@@ -208,7 +208,11 @@ def grown_output(a: Path) -> Path:
 
 def small_seed(small_path: Path) -> int:
     """Return the seed SMALL's lineage records (0 if none): the sibling's default is + 1."""
-    return int(load(small_path).manifest.lineage.options.get("seed", 0))
+    return _seed(load(small_path).manifest)
+
+
+def _seed(man: Manifest) -> int:
+    return int(man.lineage.options.get("seed", 0))
 
 
 def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
@@ -218,7 +222,7 @@ def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
     man = small.manifest
     if man.growth is not None or (man.mixing is not None and man.mixing.factor > 1):
         raise MgrowError(f"{small_path}: already grown; a sibling is trained for an ungrown net")
-    if cfg.seed == int(man.lineage.options.get("seed", 0)):
+    if cfg.seed == _seed(man):
         raise MgrowError(f"{small_path}: the sibling's seed {cfg.seed} is the small net's own: "
                          "it would start as its twin (the same templates and data order); "
                          f"choose another seed (default {cfg.seed + 1})")
