@@ -146,8 +146,9 @@ def parse_row(name: str) -> tuple[str, float | None]:
 class Runner:
     """Runs (or finds) every row of one seed in `folder`."""
 
-    def __init__(self, folder: Path, scale: dict, seed: int, data: str, quiet: bool) -> None:
-        self.d, self.s, self.seed = folder, scale, seed
+    def __init__(self, folder: Path, scale: dict, seed: int, data: str, quiet: bool,
+                 commit: str) -> None:
+        self.d, self.s, self.seed, self.commit = folder, scale, seed, commit
         self.source = DataSource(data, subset=scale["subset"],
                                  input_size=scale.get("input_size"),
                                  workers=scale.get("workers"))
@@ -200,7 +201,7 @@ class Runner:
         rule; return the final bundle and growth-point top-1 (BN as fused)."""
         small = self.converted() if start == "converted" else self.train(
             start, 0.5, self.s["epochs"], mixed=start == "small")
-        grown = self.d / f"{name.partition('-lr-')[0]}.grown.safetensors"
+        grown = self.grown(name)
         if not grown.exists():
             fuse_files(small, sibling, grown, seed=self.seed,
                        bn_correct=self.rule["bn_correct"], **options)
@@ -211,6 +212,10 @@ class Runner:
                      budget=self.s["budget"], reference_epochs=self.s["epochs"],
                      bn_recalibrate=self.rule["bn_recalibrate"], **self.run_options(name))
         return self.path(name), at_growth
+
+    def grown(self, name: str) -> Path:
+        """The grown net a growth row finetunes (ROW-lr-X shares ROW's)."""
+        return self.d / f"{name.partition('-lr-')[0]}.grown.safetensors"
 
     def converted(self) -> Path:
         """`small-plain` as a user's plain checkpoint: exported, then `convert`ed."""
@@ -237,12 +242,14 @@ class Runner:
         phases = load(path).manifest.phases
         if phases and phases[-1].accuracy is not None and ".grown." not in path.name:
             return phases[-1].accuracy
-        cache = path.with_name(path.name + ".top1")
-        if not cache.exists():
-            b = load(path)
+        cache = path.with_name(path.name + ".top1")  # "sha256 top1": of this very bundle
+        b = load(path)
+        known = cache.read_text().split() if cache.exists() else []
+        if len(known) != 2 or known[0] != b.sha256:
             data = self.source.load(b.manifest.data)
-            cache.write_text(repr(evaluate(b.model(), data)[0]))
-        return float(cache.read_text())
+            known = [b.sha256, repr(evaluate(b.model(), data)[0])]
+            cache.write_text(" ".join(known))
+        return float(known[1])
 
     def small_arch(self) -> ArchSpec:
         """The half-width net's architecture (classes and input size from the data)."""
@@ -289,12 +296,27 @@ class Runner:
             else list(man.phases)
         start = "small-plain" if base in ("mg-converted", "random-plain",
                                           "net2net-plain") else "small"
+        grew = at_growth is not None
         return {"row": name, "seed": self.seed, "date": datetime.date.today().isoformat(),
                 "top1": self.eval(path),
                 "top1_at_growth": at_growth, "start_top1": self.eval(self.path(start))
-                if at_growth is not None else None, "commit": commit_of(path),
+                if grew else None, "commit": commit_of(path, self.commit),
+                # the weights it grew from: rows of one seed pair exactly only if these agree
+                "start_sha256": weights_sha(self.path(start)) if grew else None,
+                "grown_sha256": weights_sha(self.grown(name)) if grew else None,
                 "flops_norm": sum(p.train_flops for p in charged) / ref,
                 "ledger": [p.model_dump() for p in man.phases]}
+
+
+def weights_sha(path: Path) -> str:
+    """Return the first 16 hex digits of the sha256 of a bundle's tensors (sorted by name):
+    the same for a net retrained bit-for-bit, whatever its manifest's timings say."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in sorted(load(path).tensors.items()):
+        h.update(name.encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def estimate(scale: dict, data: str, steps: int = 3) -> dict[str, float]:
@@ -362,7 +384,8 @@ def summarise(runs: list[dict], scale_name: str, scale: dict) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.2f} +- {sd:.2f}"
 
-    lines = ["| row | top-1 % | at growth % | gain over start (pts) | FLOPs Norm | seeds |",
+    lines = ["| row | top-1 % | at growth % (BN as fused) | gain over start (pts) | FLOPs Norm "
+             "| seeds |",
              "|---|---|---|---|---|---|"]
     for name, rs in rows.items():
         gains = [r["top1"] - r["start_top1"] for r in rs if r["start_top1"] is not None]
@@ -376,10 +399,18 @@ def summarise(runs: list[dict], scale_name: str, scale: dict) -> str:
 def verdict(runs: list[dict], row: str = "mg") -> str:
     """Return Markdown: `row` minus every other row at the growth budget and Large, paired by
     seed (mean and std of the per-seed difference), and whether `row` is ahead by more than
-    two standard deviations of that difference (the issue-11 test; needs 2+ seeds)."""
+    two standard deviations of that difference (the issue-11 test; called from 3 seeds on:
+    with 2, mean > 2 sd is t > 2.8 on one degree of freedom, p about 0.1). Warns where the
+    growth rows of one seed grew from different starting nets (retrained elsewhere)."""
     top1 = {(r["seed"], r["row"]): 100 * r["top1"] for r in runs}
     lines = [f"`{row}` minus each row, paired by seed (points; ahead by > 2 sd of the "
              "difference?):", ""]
+    starts: dict[tuple[int, str], set[str]] = {}
+    for r in runs:
+        if r.get("start_sha256"):
+            plain = r["row"].startswith(("mg-converted", "random-plain", "net2net-plain"))
+            starts.setdefault((r["seed"], "small-plain" if plain else "small"), set()).add(
+                r["start_sha256"])
     for other in ("random", "net2net", "gradmax", "firefly", "mg-nofusion", "small-match",
                   "large-match", "large"):
         diffs = [top1[s, row] - top1[s, other] for s, name in top1
@@ -390,8 +421,13 @@ def verdict(runs: list[dict], row: str = "mg") -> str:
             lines.append(f"- {other}: {diffs[0]:+.2f} (1 seed: no spread yet)")
             continue
         mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-        lines.append(f"- {other}: {mean:+.2f} +- {sd:.2f} over {len(diffs)} seeds: "
-                     f"{'yes' if mean > 2 * sd else 'no'}")
+        call = ("yes" if mean > 2 * sd else "no") if len(diffs) >= 3 else "too few seeds to call"
+        lines.append(f"- {other}: {mean:+.2f} +- {sd:.2f} over {len(diffs)} seeds: {call}")
+    for (seed, start), shas in sorted(starts.items()):
+        if len(shas) > 1:
+            lines.append(f"- warning: seed {seed}'s growth rows grew from {len(shas)} different "
+                         f"{start} nets ({', '.join(sorted(shas))}): retrained, not bit for "
+                         "bit (another machine?), so they do not pair exactly")
     return "\n".join(lines)
 
 
@@ -467,12 +503,13 @@ def main(argv: list[str] | None = None) -> None:
     # rows recorded in --out's results.json (say, committed by an earlier session on another
     # machine) are kept and not rerun: a long replica continues across machines row by row
     runs = recorded_runs(a.out / "results.json", a.scale)
-    for names in stages:  # every seed of the main table first, then the ablations
-        for seed in range(a.seeds):
-            runner = Runner(a.out / f"seed{seed}", scale, seed, load_spec(a.data), a.quiet)
+    commit = current_commit()  # the code this process runs: each row it trains records it
+    for names in stages if not a.report_only else ():  # --report-only: tabulate what
+        for seed in range(a.seeds):  # results.json records; every seed of the main table
+            runner = Runner(a.out / f"seed{seed}", scale, seed, load_spec(a.data), a.quiet,
+                            commit)  # first, then the ablations
             for name in names:
-                if (seed, name) in runs and not runner.path(name).exists() or (
-                        a.report_only and not runner.path(name).exists()):
+                if (seed, name) in runs and not runner.path(name).exists():
                     continue
                 print(f"[seed {seed}] {name}", file=sys.stderr, flush=True)
                 runs[seed, name] = runner.row(name)
@@ -507,11 +544,12 @@ def current_commit() -> str:
     return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
-def commit_of(path: Path) -> str:
-    """Return the commit that made the bundle at `path`, noted beside it when first seen."""
+def commit_of(path: Path, commit: str) -> str:
+    """Return the commit that made the bundle at `path`: noted beside it when first seen, as
+    `commit`, the code of the process that just trained (or first tabulated) it."""
     note = path.with_name(path.name + ".commit")
     if not note.exists():
-        note.write_text(current_commit())
+        note.write_text(commit)
     return note.read_text().strip()
 
 
@@ -538,7 +576,9 @@ def write_results(a: argparse.Namespace, scale: dict, runs: list[dict]) -> None:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                        f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
             "scale": a.scale, **scale, "data": project_spec(a.data), "seeds": a.seeds}
-    (a.out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    from mgrow.bundle import write_atomic  # the state a run spanning sessions continues from
+    write_atomic(a.out / "results.json", json.dumps({"meta": meta, "runs": runs},
+                                                    indent=1).encode(), force=True)
     table = summarise(runs, a.scale, scale)
     width = scale.get("width", 1.0)
     header = (f"Scale `{a.scale}`: {scale['arch']} at width {width / 2:g} -> {width:g}, "
