@@ -195,7 +195,13 @@ def _parent(recorded: str, sha256: str, folder: Path, depth: int) -> dict:
     """Return a parent: its recorded path and hash, where it was found and its lineage."""
     entry: dict[str, Any] = {"path": recorded, "sha256": sha256}
     candidates = [Path(recorded), folder / Path(recorded).name]
-    found = [p for p in candidates if p.is_file()]
+
+    def is_file(p: Path) -> bool:  # a recorded path this system cannot even look up
+        try:  # (too long, say) is as missing as one that is not there
+            return p.is_file()
+        except OSError:
+            return False
+    found = [p for p in candidates if is_file(p)]
     match = next((p for p in found if sha256_file(p) == sha256), None)
     if match is None:
         return entry | {"status": "changed" if found else "missing"}

@@ -8,10 +8,12 @@ folder, fsync, rename), so an interrupted or failed write never leaves a partial
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import re
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -311,10 +313,14 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
         yield
         return
     while True:
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: it would truncate whatever file the link names
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            raise MgrowError(f"{lock}: cannot create the writer lock ({e.strerror})") from None
+            why = "a symbolic link, not mgrow's lock" if e.errno == errno.ELOOP else e.strerror
+            raise MgrowError(f"{lock}: cannot create the writer lock ({why})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device put in its place
+            os.close(fd)
+            raise MgrowError(f"{lock}: cannot create the writer lock (not a regular file)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -413,8 +419,20 @@ def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> P
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Return the hex sha256 of a file."""
-    return hashlib.sha256(read_bytes(path)).hexdigest()
+    """Return the hex sha256 of a file, read in chunks (a large parent is not held whole)."""
+    p = Path(path)
+    if not p.exists():
+        raise MgrowError(f"{p}: no such file")
+    if p.is_dir():
+        raise MgrowError(f"{p}: is a directory, not a file")
+    try:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError as e:
+        raise MgrowError(f"{p}: cannot read ({e.strerror})") from None
 
 
 def export_plain(path: str | os.PathLike, output: str | os.PathLike, force: bool = False) -> Path:
@@ -425,8 +443,9 @@ def export_plain(path: str | os.PathLike, output: str | os.PathLike, force: bool
     """
     from .mixing import plain_state_dict
     check_writable(output, force)
-    bundle = load(path)
-    man = bundle.manifest
-    tensors = plain_state_dict(bundle.model()) if man.mixing else bundle.tensors
-    plain = man.derived("export", {}, (bundle.parent(),), mixing=None)
-    return save(output, plain, tensors, force)
+    with writer_lock(output):
+        bundle = load(path)
+        man = bundle.manifest
+        tensors = plain_state_dict(bundle.model()) if man.mixing else bundle.tensors
+        plain = man.derived("export", {}, (bundle.parent(),), mixing=None)
+        return save(output, plain, tensors, force)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -710,6 +711,13 @@ def main() -> None:
     closed by its reader (broken pipe) ends in one line and exit 141, as SIGPIPE would.
     """
     _reopen_closed_fds()
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 prints
+        with contextlib.suppress(AttributeError, ValueError):  # escaped, not as a crash
+            stream.reconfigure(errors="backslashreplace")
+    # Ctrl-C or SIGTERM outside a training loop (which saves a checkpoint on them): one
+    # line, locks released, temporary files removed; not a silent kill
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _on_signal)
     try:
         code = _run()
         _flush_stdout()
@@ -722,6 +730,8 @@ def _run() -> int:
     """Return the exit status of the command line, after printing any error in one line."""
     try:
         code = app(standalone_mode=False, prog_name="mgrow")
+        if _SIGNALS:  # typer returns KeyboardInterrupt as a silent exit status 130
+            return _interrupted()
         return code if isinstance(code, int) else 0
     except typer.Exit as e:
         return e.exit_code
@@ -735,7 +745,7 @@ def _run() -> int:
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         return _error(f"{' '.join(e.format_message().split())}{hint}", e.exit_code)
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a training loop
-        return _error("interrupted; nothing was written", 130)
+        return _interrupted()
     except MgrowError as e:
         if "--debug" in sys.argv:
             raise
@@ -760,6 +770,23 @@ def _run() -> int:
         return _error(f"{command} failed unexpectedly: {type(e).__name__}"
                       f"{': ' + what if what else ''} (run again with --debug for the "
                       "traceback)", 1)
+
+
+_SIGNALS: list[int] = []  # the signals that interrupted a command outside training
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM outside a training loop: unwind from wherever the program is."""
+    _SIGNALS.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    """Return the exit status of Ctrl-C or SIGTERM outside training, after one line."""
+    _ignore_signals()
+    if _SIGNALS and _SIGNALS[0] == signal.SIGTERM:
+        return _error("terminated by SIGTERM; nothing was written", 143)
+    return _error("interrupted; nothing was written", 130)
 
 
 def _error(message: str, code: int) -> int:

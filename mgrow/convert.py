@@ -282,39 +282,41 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     normalises with what the bundle records).
     """
     from .arch import check_name
-    from .bundle import check_writable, save, sha256_file
+    from .bundle import check_writable, save, sha256_file, writer_lock
     check_name(arch_name)
     check_writable(output, force)
     if normalisation is not None and data is None:
         raise MgrowError("--mean/--std say how the checkpoint's data was normalised: "
                          "name that data set with --data too")
-    state = read_checkpoint(src)
-    check_family(state, arch_name, src)
-    arch = ArchSpec(name=arch_name, width=width, input_size=input_size or
-                    default_input_size(arch_name), norm=norm)
-    classes, channels = read_shape(state, arch)
-    arch = arch.model_copy(update={"num_classes": num_classes or classes or arch.num_classes,
-                                   "in_channels": in_channels or channels or arch.in_channels})
-    if mixing is None:
-        plain = build(arch)
-        _check_classes(plain, state, src)
-        check_tensors(plain, state, src)
-        tensors = state
-    else:
-        tensors = convert_state(state, arch, mixing, seed, src, spare)
-    dataset = None
-    if data is not None:
-        from .data import load_data
-        dataset = load_data(data).spec
-        if normalisation is not None:
-            dataset = normalised_as(dataset, *normalisation)
-    options = {"arch": arch_name, "seed": seed, "mixed": mixing is not None}
-    if mixing is not None:
-        options["spare"] = spare
-    lineage = Lineage(operation="convert", options=options,
-                      parents=(Parent(sha256=sha256_file(src), path=str(src)),))
-    manifest = Manifest(arch=arch, mixing=mixing, data=dataset, lineage=lineage)
-    return save(output, manifest, tensors, force), manifest
+    with writer_lock(output):  # held from the start: a second writer is refused at once
+        state = read_checkpoint(src)
+        check_family(state, arch_name, src)
+        arch = ArchSpec(name=arch_name, width=width, input_size=input_size or
+                        default_input_size(arch_name), norm=norm)
+        classes, channels = read_shape(state, arch)
+        arch = arch.model_copy(update={
+            "num_classes": num_classes or classes or arch.num_classes,
+            "in_channels": in_channels or channels or arch.in_channels})
+        if mixing is None:
+            plain = build(arch)
+            _check_classes(plain, state, src)
+            check_tensors(plain, state, src)
+            tensors = state
+        else:
+            tensors = convert_state(state, arch, mixing, seed, src, spare)
+        dataset = None
+        if data is not None:
+            from .data import load_data
+            dataset = load_data(data).spec
+            if normalisation is not None:
+                dataset = normalised_as(dataset, *normalisation)
+        options = {"arch": arch_name, "seed": seed, "mixed": mixing is not None}
+        if mixing is not None:
+            options["spare"] = spare
+        lineage = Lineage(operation="convert", options=options,
+                          parents=(Parent(sha256=sha256_file(src), path=str(src)),))
+        manifest = Manifest(arch=arch, mixing=mixing, data=dataset, lineage=lineage)
+        return save(output, manifest, tensors, force), manifest
 
 
 def normalised_as(spec: DatasetSpec, mean: tuple[float, ...], std: tuple[float, ...]

@@ -173,6 +173,9 @@ def check_members(members: list[Bundle], factor: int, method: str) -> None:
         if method == "mixture" and mix is None:
             raise MgrowError(f"{b.path}: a plain network; --method mixture needs template-"
                              "mixed members (run `mgrow convert` first)")
+    if len(members) == 2 and members[0].sha256 == members[1].sha256:
+        raise MgrowError(f"cannot fuse {members[1].path} with itself: the new half would be "
+                         f"a twin of the old (train a sibling with `train-sibling`)")
     if len(members) == 2:
         a, b = (m.manifest for m in members)
         for what, x, y in (("architectures", a.arch.model_copy(update={"num_classes": 0}),
@@ -460,8 +463,9 @@ DEFAULT_NOISE = {"net2net": 0.01, "firefly": 0.1}  # --noise when not given
 def fuse_files(a: str | Path, b: str | Path | None, output: str | Path, *, force: bool = False,
                **options) -> tuple[Path, Grown]:
     """Fuse bundle files into a grown bundle at `output`; return its path and the result."""
-    from .bundle import check_writable, load, save
+    from .bundle import check_writable, load, save, writer_lock
     check_writable(output, force)
-    members = [load(a)] + ([load(b)] if b is not None else [])
-    grown = fuse(members, **options)
-    return save(output, grown.manifest, grown.tensors, force), grown
+    with writer_lock(output):  # held from the start: a second writer is refused at once
+        members = [load(a)] + ([load(b)] if b is not None else [])
+        grown = fuse(members, **options)
+        return save(output, grown.manifest, grown.tensors, force), grown

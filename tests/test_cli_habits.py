@@ -98,3 +98,61 @@ def test_unattended_log_lines_and_summary_csv(tmp_path):
     assert [int(r["step"]) for r in rows] == [4, 8, 12]
     for row, rec in zip(rows, records):
         assert all(float(row[k]) == rec[k] for k in row)
+
+
+SIGNAL_MID_FUSE = """
+import os, signal, sys
+import mgrow.growth, mgrow.cli
+real = mgrow.growth.fuse
+def fuse(*args, **kwargs):  # a real signal, delivered while fuse holds the output's lock
+    os.kill(os.getpid(), signal.SIG{sig})
+    return real(*args, **kwargs)
+mgrow.growth.fuse = fuse
+sys.argv = ["mgrow", "fuse", "a.safetensors", "b.safetensors", "-o", "out.safetensors"]
+mgrow.cli.main()
+"""
+
+
+def test_ctrl_c_and_sigterm_outside_training_end_in_one_line(tmp_path):
+    """Ctrl-C (typer turned it into a silent exit 130) and SIGTERM (a silent kill that left
+    the lock file) during fuse: one line, the shell's status, nothing left behind."""
+    arch = ArchSpec(name="wrn-10-1", width=0.25)
+    make_bundle(tmp_path / "a.safetensors", arch, seed=1)
+    make_bundle(tmp_path / "b.safetensors", arch, seed=2)
+    before = set(os.listdir(tmp_path))
+    for sig, code, message in (("INT", 130, "interrupted; nothing was written"),
+                               ("TERM", 143, "terminated by SIGTERM; nothing was written")):
+        r = subprocess.run([sys.executable, "-c", SIGNAL_MID_FUSE.format(sig=sig)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert (r.returncode, r.stderr) == (code, f"mgrow: error: {message}\n"), r.stderr
+        assert set(os.listdir(tmp_path)) == before  # no output, no lock, no temporary file
+
+
+def test_lock_files_and_odd_names_are_handled(tmp_path):
+    """A symbolic link where the writer lock goes is refused (the lock used to truncate and
+    overwrite its target); a member fused with itself is refused (a twin); an output name
+    that is not UTF-8 is written and printed escaped, under a strict stdout encoding."""
+    a = make_bundle(tmp_path / "a.safetensors", ArchSpec(name="wrn-10-1", width=0.25))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".out.safetensors.lock").symlink_to(victim)
+    r = run_cli("export", a.path, "-o", tmp_path / "out.safetensors")
+    assert r.returncode == 2 and "a symbolic link, not mgrow's lock" in r.stderr, r.stderr
+    assert victim.read_text() == "precious" and not (tmp_path / "out.safetensors").exists()
+    r = run_cli("fuse", a.path, a.path, "-o", tmp_path / "twin.safetensors")
+    assert r.returncode == 2 and "with itself" in r.stderr, r.stderr
+    odd = os.fsencode(tmp_path) + b"/bad\xff.safetensors"
+    r = subprocess.run([sys.executable, "-m", "mgrow", "export", str(a.path), "-o", odd],
+                       capture_output=True, timeout=300,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert r.returncode == 0 and b"bad\\udcff.safetensors" in r.stdout, r.stderr
+    assert os.path.exists(odd)
+    from mgrow.bundle import save  # a recorded parent path too long to look up: missing
+    from mgrow.manifest import Parent
+    lineage = a.manifest.lineage.model_copy(
+        update={"parents": (Parent(sha256="0" * 64, path="x" * 300),)})
+    save(tmp_path / "long.safetensors", a.manifest.model_copy(update={"lineage": lineage}),
+         a.tensors)
+    r = run_cli("info", tmp_path / "long.safetensors", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["lineage"]["parents"][0]["status"] == "missing"
