@@ -146,13 +146,13 @@ def _run_locked(manifest: Manifest, model: nn.Module, data: Data, cfg: TrainConf
     if not resume and ckpt.exists():
         raise MgrowError(f"{ckpt} exists from an unfinished run: pass --resume to continue it "
                          "or delete it to start over")
+    fwd = forward_flops(manifest.arch)  # before training: its memory refusal comes first
     result = train(model, data, cfg, checkpoint=ckpt, resume=resume, progress=progress,
                    metrics_path=metrics)
     if not (math.isfinite(result.loss) and math.isfinite(result.accuracy)):
         kept = f"; the checkpoint {ckpt} is kept" if ckpt.exists() else ""
         raise MgrowError(f"the final evaluation is not finite (test loss {result.loss}); "
                          f"{output} was not written{kept}")
-    fwd = forward_flops(manifest.arch)
     phase = Phase(operation=operation, arch=manifest.describe(), stage=stage,
                   images=result.images, forward_flops=fwd, train_flops=3 * fwd * result.images,
                   wall_s=round(result.wall_s, 3), device=result.device,
