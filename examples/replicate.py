@@ -336,8 +336,8 @@ def estimate(scale: dict, data: str, steps: int = 3) -> dict[str, float]:
     norm = scale.get("norm", "every")
     small, large = (ArchSpec(name=scale["arch"], width=w, norm=norm) for w in (0.5, 1.0))
     fresh = [Bundle(Manifest(arch=small, mixing=MixingSpec(), lineage=Lineage(operation="init")),
-                    build(small, MixingSpec(), seed=s).state_dict(), Path("x"), "0" * 64)
-             for s in (1, 2)]  # (a valid sha256 for the lineage; nothing is written)
+                    build(small, MixingSpec(), seed=s).state_dict(), Path("x"), str(s) * 64)
+             for s in (1, 2)]  # (valid, distinct sha256s for the lineage; nothing is written)
     grown = fuse(fresh)
     nets = {"small": build(small, MixingSpec()), "small-plain": build(small),
             "large": build(large), "grown": Bundle(grown.manifest, grown.tensors, Path("g"),
