@@ -120,6 +120,7 @@ BEST = dict(init="zero")
 # growth budget's share; "match": as many half-width epochs as the growth budget pays for)
 FIXED = {"small": (0.5, 1.0), "small-plain": (0.5, 1.0), "small-match": (0.5, "match"),
          "large": (1.0, 1.0), "large-match": (1.0, "budget")}
+PLAIN_START = ("mg-converted", "random-plain", "net2net-plain")  # grown from small-plain
 GROWTH = ("random", "net2net", "gradmax", "firefly", "random-plain", "net2net-plain", "mg",
           "mg-nofusion", "mg-converted", "mg-horizontal", "mg-best")
 
@@ -239,11 +240,11 @@ class Runner:
     def eval(self, path: Path) -> float:
         """Top-1 on the test split: the trained bundle's own final accuracy from its ledger,
         or (for a bundle just grown, with no training yet) one evaluation, cached."""
-        phases = load(path).manifest.phases
+        b = load(path)
+        phases = b.manifest.phases
         if phases and phases[-1].accuracy is not None and ".grown." not in path.name:
             return phases[-1].accuracy
         cache = path.with_name(path.name + ".top1")  # "sha256 top1": of this very bundle
-        b = load(path)
         known = cache.read_text().split() if cache.exists() else []
         if len(known) != 2 or known[0] != b.sha256:
             data = self.source.load(b.manifest.data)
@@ -294,8 +295,7 @@ class Runner:
         ref = reference_flops(man.model_copy(update={"arch": self.small_arch().widened(2)}), E)
         charged = [p for p in man.phases if p.stage == "growth"] if at_growth is not None \
             else list(man.phases)
-        start = "small-plain" if base in ("mg-converted", "random-plain",
-                                          "net2net-plain") else "small"
+        start = "small-plain" if base in PLAIN_START else "small"
         grew = at_growth is not None
         return {"row": name, "seed": self.seed, "date": datetime.date.today().isoformat(),
                 "top1": self.eval(path),
@@ -408,9 +408,8 @@ def verdict(runs: list[dict], row: str = "mg") -> str:
     starts: dict[tuple[int, str], set[str]] = {}
     for r in runs:
         if r.get("start_sha256"):
-            plain = r["row"].startswith(("mg-converted", "random-plain", "net2net-plain"))
-            starts.setdefault((r["seed"], "small-plain" if plain else "small"), set()).add(
-                r["start_sha256"])
+            start = "small-plain" if parse_row(r["row"])[0] in PLAIN_START else "small"
+            starts.setdefault((r["seed"], start), set()).add(r["start_sha256"])
     for other in ("random", "net2net", "gradmax", "firefly", "mg-nofusion", "small-match",
                   "large-match", "large"):
         diffs = [top1[s, row] - top1[s, other] for s, name in top1

@@ -153,13 +153,23 @@ def _few(names: list[str], n: int = 4) -> str:
 
 def read_bytes(path: str | os.PathLike) -> bytes:
     """Return a file's bytes, or raise MgrowError naming why it cannot be read."""
+    return b"".join(read_chunks(path, -1))
+
+
+def read_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes]:
+    """Yield a file's bytes `size` at a time (-1: all at once), or raise MgrowError naming
+    why it cannot be read."""
     p = Path(path)
     if not p.exists():
         raise MgrowError(f"{p}: no such file")
     if p.is_dir():
         raise MgrowError(f"{p}: is a directory, not a file")
     try:
-        return p.read_bytes()
+        with open(p, "rb") as f:
+            while chunk := f.read(size):
+                yield chunk
+                if size < 0:
+                    return
     except OSError as e:
         raise MgrowError(f"{p}: cannot read ({e.strerror})") from None
 
@@ -420,19 +430,10 @@ def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> P
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Return the hex sha256 of a file, read in chunks (a large parent is not held whole)."""
-    p = Path(path)
-    if not p.exists():
-        raise MgrowError(f"{p}: no such file")
-    if p.is_dir():
-        raise MgrowError(f"{p}: is a directory, not a file")
-    try:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    except OSError as e:
-        raise MgrowError(f"{p}: cannot read ({e.strerror})") from None
+    h = hashlib.sha256()
+    for chunk in read_chunks(path):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def export_plain(path: str | os.PathLike, output: str | os.PathLike, force: bool = False) -> Path:
