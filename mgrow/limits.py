@@ -140,9 +140,41 @@ def memory_cap() -> int | None:
     return int(float(m.group(1)) * 1000 ** " kMGT".index(m.group(2) or " "))
 
 
+def cgroup_room(root: Path = Path("/sys/fs/cgroup"),
+                membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Return the bytes this process's memory cgroups still allow: the tightest limit -
+    usage of cgroup v2's `memory.max` and v1's `memory.limit_in_bytes` over the group
+    /proc/self/cgroup names and its ancestors (a limit set on a parent binds too); None when
+    no limit is set or none can be read. A container sees its own group at the root."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    groups = []  # "0::/path" (v2), "N:memory:/path" or "N:cpu,memory:/path" (v1)
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            groups.append((root, "memory.max", "memory.current", path))
+        elif "memory" in controllers.split(","):
+            groups.append((root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                           path))
+    rooms = []
+    for base, limit_name, usage_name, path in groups:
+        group = Path("/", path)
+        for folder in (group, *group.parents):
+            try:
+                limit = (base / folder.relative_to("/") / limit_name).read_text().strip()
+                usage = int((base / folder.relative_to("/") / usage_name).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit.isdigit() and int(limit) < 1 << 60:  # v1 writes "no limit" as ~2^63
+                rooms.append(max(int(limit) - usage, 0))
+    return min(rooms) if rooms else None
+
+
 def available_memory() -> int:
-    """Return the bytes this process may still allocate: MemAvailable, within a cgroup limit
-    (and $MGROW_MEMORY_LIMIT, see memory_cap)."""
+    """Return the bytes this process may still allocate: MemAvailable, within its cgroups'
+    limits (cgroup_room) and $MGROW_MEMORY_LIMIT (memory_cap)."""
     avail = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -155,13 +187,9 @@ def available_memory() -> int:
             avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError):
             avail = 1 << 62
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            avail = min(avail, int(limit) - used)
-    except (OSError, ValueError):
-        pass
+    room = cgroup_room()
+    if room is not None:
+        avail = min(avail, room)
     cap = memory_cap()
     return max(avail if cap is None else min(avail, cap), 0)
 

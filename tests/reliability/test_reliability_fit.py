@@ -159,3 +159,34 @@ def test_nonfinite_evaluation_of_a_bundle_exits_nonzero(broken_statistics, tmp_p
     before = watch(broken_statistics.parent, tmp_path)
     assert_refused(mgrow("eval", broken_statistics, cwd=tmp_path), before,
                    r"negvar.safetensors: the evaluation is not finite")
+
+
+def _cgroup_files(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+@pytest.mark.parametrize("membership,files,room", [
+    # cgroup v2: the tightest of the group and its ancestors binds; "max" is no limit
+    ("0::/a/b\n", {"a/b/memory.max": "max", "a/b/memory.current": "100",
+                   "a/memory.max": "1000", "a/memory.current": "300"}, 700),
+    ("0::/a/b\n", {"a/b/memory.max": "500", "a/b/memory.current": "100",
+                   "a/memory.max": "1000", "a/memory.current": "300"}, 400),
+    # cgroup v1 (this project's CPU machine): memory.limit_in_bytes, ~2^63 when unlimited
+    ("9:memory:/\n4:cpu,cpuacct:/\n", {"memory/memory.limit_in_bytes": "2000",
+                                       "memory/memory.usage_in_bytes": "500"}, 1500),
+    ("9:cpu,memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712",
+                          "memory/memory.usage_in_bytes": "500"}, None),
+    # a container names its host path, but sees its own group at the root
+    ("9:memory:/docker/x1\n", {"memory/memory.limit_in_bytes": "800",
+                               "memory/memory.usage_in_bytes": "900"}, 0),
+    ("", {"memory.max": "1000", "memory.current": "1"}, None),  # not a member: not read
+])
+def test_cgroup_room_v1_and_v2(tmp_path, membership, files, room):
+    """The memory check's cgroup limit is read under cgroup v2 and v1 alike, from the
+    process's own group up, so a container's limit is not mistaken for the host's RAM."""
+    from mgrow.limits import cgroup_room
+    _cgroup_files(tmp_path / "fs", files)
+    (tmp_path / "cgroup").write_text(membership)
+    assert cgroup_room(tmp_path / "fs", tmp_path / "cgroup") == room
