@@ -124,6 +124,14 @@ def side_files(output: Path) -> tuple[Path, Path]:
     return output.with_name(output.name + ".ckpt"), output.with_name(output.name + ".metrics.jsonl")
 
 
+def check_no_checkpoint(output: Path, resume: bool) -> None:
+    """Refuse to start over an unfinished run's checkpoint unless resuming it."""
+    ckpt = side_files(output)[0]
+    if not resume and ckpt.exists():
+        raise MgrowError(f"{ckpt} exists from an unfinished run: pass --resume to continue it "
+                         "or delete it to start over")
+
+
 def run_phase(manifest: Manifest, model: nn.Module, data: Data, cfg: TrainConfig,
               output: Path, operation: str, stage: str, *, resume: bool = False,
               progress: Progress = "bar", force: bool = False) -> Outcome:
@@ -143,9 +151,7 @@ def _run_locked(manifest: Manifest, model: nn.Module, data: Data, cfg: TrainConf
                 output: Path, operation: str, stage: str, ckpt: Path, metrics: Path,
                 resume: bool, progress: Progress, force: bool) -> Outcome:
     """run_phase with the output's writer locks held."""
-    if not resume and ckpt.exists():
-        raise MgrowError(f"{ckpt} exists from an unfinished run: pass --resume to continue it "
-                         "or delete it to start over")
+    check_no_checkpoint(output, resume)
     fwd = forward_flops(manifest.arch)  # before training: its memory refusal comes first
     result = train(model, data, cfg, checkpoint=ckpt, resume=resume, progress=progress,
                    metrics_path=metrics)
@@ -172,6 +178,7 @@ def train_new(arch_name: str, source: DataSource, cfg: TrainConfig, output: Path
     """Train a network from scratch (stage base); its classes and input follow the data."""
     check_name(arch_name)
     check_writable(output, run.get("force", False))
+    check_no_checkpoint(output, run.get("resume", False))
     data = source.load()
     d = data.spec
     arch = ArchSpec(name=arch_name, width=width, num_classes=d.num_classes,
@@ -228,6 +235,7 @@ def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
                          f"choose another seed (default {cfg.seed + 1})")
     output = Path(output) if output is not None else sibling_output(Path(small_path))
     check_writable(output, run.get("force", False))
+    check_no_checkpoint(output, run.get("resume", False))
     data = source.load(man.data)
     model = build(man.arch, man.mixing, seed=cfg.seed)
     manifest = Manifest(arch=man.arch, mixing=man.mixing, data=data.spec, lineage=Lineage(
@@ -246,10 +254,11 @@ def finetune(path: Path, source: DataSource, cfg: TrainConfig, output: Path, *,
     `bn_recalibrate` N > 0: first re-estimate the BN statistics on N training batches
     (mgrow.norms.recalibrate; a ledger row of N batches' forward FLOPs, counted in budgets).
     """
-    bundle = load(path)
-    check_writable(output, run.get("force", False))
+    check_writable(output, run.get("force", False))  # refusals first, before any work
+    check_no_checkpoint(output, run.get("resume", False))
     if bn_recalibrate < 0:
         raise MgrowError(f"--bn-recalibrate must be at least 0, not {bn_recalibrate}")
+    bundle = load(path)
     data = source.load(bundle.manifest.data)
     man = bundle.manifest
     if man.data is None:  # e.g. converted without --data: the first data trained on

@@ -248,11 +248,16 @@ def test_output_not_writable(members, tmp_path, command, target):
         assert_refused(mgrow(*args, "-o", target, "--force", cwd=tmp_path), before, message)
 
 
-def test_unfinished_run_blocks_a_fresh_one(members, tmp_path):
+@pytest.mark.parametrize("command", [
+    ("finetune", "a.safetensors", "--bn-recalibrate", "2"),
+    ("train-sibling", "a.safetensors"),
+    ("train", "--arch", "wrn-10-1")])
+def test_unfinished_run_blocks_a_fresh_one(members, tmp_path, command):
+    """Refused before any work: the data (missing here) is not loaded, no BN batch run."""
     (tmp_path / "out.safetensors.ckpt").write_bytes(b"from a run that was interrupted")
     before = watch(members, tmp_path)
-    run = mgrow("finetune", members / "a.safetensors", *TINY, "-o", "out.safetensors",
-                cwd=tmp_path)
+    run = mgrow(*_args(command, members), *TINY, "--data", "npz:MISSING", "-o",
+                "out.safetensors", cwd=tmp_path)
     assert_refused(run, before, "out.safetensors.ckpt exists from an unfinished run: pass "
                    "--resume to continue it or delete it to start over")
 
