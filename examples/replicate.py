@@ -381,8 +381,9 @@ def summarise(runs: list[dict], scale_name: str, scale: dict) -> str:
         values = [100 * v for v in values if v is not None]
         if not values:
             return ""
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.2f} +- {sd:.2f}"
+        if len(values) == 1:  # one seed: no spread to show
+            return f"{values[0]:.2f}"
+        return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
     lines = ["| row | top-1 % | at growth % (BN as fused) | gain over start (pts) | FLOPs Norm "
              "| seeds |",
@@ -396,22 +397,30 @@ def summarise(runs: list[dict], scale_name: str, scale: dict) -> str:
     return "\n".join(lines)
 
 
-def verdict(runs: list[dict], row: str = "mg") -> str:
-    """Return Markdown: `row` minus every other row at the growth budget and Large, paired by
-    seed (mean and std of the per-seed difference), and whether `row` is ahead by more than
-    two standard deviations of that difference (the issue-11 test; called from 3 seeds on:
-    with 2, mean > 2 sd is t > 2.8 on one degree of freedom, p about 0.1). Warns where the
-    growth rows of one seed grew from different starting nets (retrained elsewhere)."""
+# what `results.md` tests, paired by seed: MixtureGrowth against every other way to spend the
+# growth budget (and Large), and growth of a converted plain checkpoint against the baselines
+# grown from the same checkpoint
+VERDICTS = {"mg": ("random", "net2net", "gradmax", "firefly", "mg-nofusion", "mg-best",
+                   "small-match", "large-match", "large"),
+            "mg-converted": ("random-plain", "net2net-plain")}
+
+
+def verdict(runs: list[dict], row: str = "mg", others: tuple[str, ...] = VERDICTS["mg"]) -> str:
+    """Return Markdown: `row` minus each of `others`, paired by seed (mean and std of the
+    per-seed difference), and whether `row` is ahead by more than two standard deviations of
+    that difference (the issue-11 test; called from 3 seeds on: with 2, mean > 2 sd is t >
+    2.8 on one degree of freedom, p about 0.1). Warns where the growth rows compared on one
+    seed grew from different starting nets (retrained elsewhere). Empty when no seed has
+    `row` and one of `others`."""
     top1 = {(r["seed"], r["row"]): 100 * r["top1"] for r in runs}
     lines = [f"`{row}` minus each row, paired by seed (points; ahead by > 2 sd of the "
              "difference?):", ""]
     starts: dict[tuple[int, str], set[str]] = {}
     for r in runs:
-        if r.get("start_sha256"):
+        if r.get("start_sha256") and r["row"] in (row, *others):
             start = "small-plain" if parse_row(r["row"])[0] in PLAIN_START else "small"
             starts.setdefault((r["seed"], start), set()).add(r["start_sha256"])
-    for other in ("random", "net2net", "gradmax", "firefly", "mg-nofusion", "small-match",
-                  "large-match", "large"):
+    for other in others:
         diffs = [top1[s, row] - top1[s, other] for s, name in top1
                  if name == other and (s, row) in top1]
         if not diffs or other == row:
@@ -427,7 +436,7 @@ def verdict(runs: list[dict], row: str = "mg") -> str:
             lines.append(f"- warning: seed {seed}'s growth rows grew from {len(shas)} different "
                          f"{start} nets ({', '.join(sorted(shas))}): retrained, not bit for "
                          "bit (another machine?), so they do not pair exactly")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def plot(runs: list[dict], path: Path) -> bool:
@@ -589,7 +598,9 @@ def write_results(a: argparse.Namespace, scale: dict, runs: list[dict]) -> None:
               f"Runs dated {', '.join(sorted({r.get('date', meta['date']) for r in runs}))}, "
               f"commits {', '.join(sorted({r['commit'] for r in runs}))}; written "
               f"{meta['date']} at {commit}, {meta['machine']}.")
-    (a.out / "results.md").write_text(header + "\n\n" + table + "\n\n" + verdict(runs) + "\n")
+    tests = [verdict(runs, row, others) for row, others in VERDICTS.items()]
+    (a.out / "results.md").write_text("\n\n".join([header, table, *filter(None, tests)])
+                                      + "\n")
     plot(runs, a.out / "accuracy_vs_flops.png")
 
 

@@ -142,6 +142,27 @@ def test_verdict_pairs_runs_by_seed():
         r["start_sha256"] = sha
     assert "- warning: seed 0's growth rows grew from 2 different small nets (aa, bb)" in \
         rep.verdict(runs)
+    # growth of the converted plain checkpoint against the baselines grown from it
+    plain = [{"seed": s, "row": r, "top1": v, "start_sha256": "cc"} for s, r, v in
+             [(0, "mg-converted", .79), (0, "random-plain", .78), (0, "net2net-plain", .80),
+              (1, "mg-converted", .80), (1, "random-plain", .785), (1, "net2net-plain", .80)]]
+    text = rep.verdict(runs + plain, "mg-converted", rep.VERDICTS["mg-converted"])
+    assert "- random-plain: +1.25 +- 0.35 over 2 seeds: too few seeds to call" in text
+    assert "- net2net-plain: -0.50 +- 0.71 over 2 seeds" in text
+    assert "random:" not in text and "warning" not in text  # seed 0's small nets: not its
+    assert rep.verdict(runs, "mg-converted", rep.VERDICTS["mg-converted"]) == ""  # no pairs
+
+
+def test_summary_shows_spread_only_over_seeds():
+    """results.md's table: mean +- sd over seeds; one seed has no spread to show."""
+    rep = _replicate()
+    runs = [{"seed": s, "row": "mg", "top1": v, "top1_at_growth": None, "start_top1": None,
+             "flops_norm": .45} for s, v in ((0, .80), (1, .82))]
+    runs.append({"seed": 0, "row": "random", "top1": .79, "top1_at_growth": .5,
+                 "start_top1": .78, "flops_norm": .45})
+    lines = rep.summarise(runs, "tiny", rep.SCALES["tiny"]).splitlines()
+    assert lines[2] == "| mg | 81.00 +- 1.41 |  |  | 0.450X | 2 |"
+    assert lines[3] == "| random | 79.00 | 50.00 | 1.00 | 0.450X | 1 |"
 
 
 def test_imagenet_recipe_end_to_end_on_a_photo_folder(image_folder, tmp_path):
