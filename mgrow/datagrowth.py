@@ -299,14 +299,14 @@ def top_directions(t: torch.Tensor, cov: torch.Tensor | None, n: int) -> torch.T
     """Return up to n fan-in directions (rows) maximising ||x T||^2, or with `cov`
     ||x T||^2 / (x cov x^T) (a BN-standardised unit): T's top left singular vectors, or
     the top generalised eigenvectors of (T T^T, cov)."""
-    a = t @ t.T
-    if cov is None:
-        values, vectors = torch.linalg.eigh(a)  # ascending
-    else:
-        s, q = torch.linalg.eigh(cov)  # whiten: cov^(-1/2), tiny variances floored
-        inv = q * s.clamp_min(1e-6 * float(s[-1]) + 1e-30).rsqrt()  # (dims, dims)
-        values, w = torch.linalg.eigh(inv.T @ a @ inv)
-        vectors = inv @ w
+    if cov is None:  # a thin SVD: its cost follows T's smaller side, never dims x dims (a
+        u, s, _ = torch.linalg.svd(t, full_matrices=False)  # VGG classifier: 25,088 dims)
+        rank = int((s * s > float(s[0]) ** 2 * 1e-10).sum()) if len(s) else 0
+        return u[:, :min(n, rank)].T
+    s, q = torch.linalg.eigh(cov)  # whiten: cov^(-1/2), tiny variances floored
+    inv = q * s.clamp_min(1e-6 * float(s[-1]) + 1e-30).rsqrt()  # (dims, dims)
+    values, w = torch.linalg.eigh(inv.T @ (t @ t.T) @ inv)  # ascending
+    vectors = inv @ w
     rank = int((values > values[-1] * 1e-10).sum())
     return vectors[:, len(values) - min(n, rank):].flip(1).T  # the top min(n, rank)
 

@@ -184,3 +184,23 @@ def test_every_architecture_grows_with_data(tmp_path, data):
 def test_data_methods_refuse_without_data(member):
     with pytest.raises(MgrowError, match="no data set"):
         fuse([member], method="gradmax")
+
+
+@pytest.mark.parametrize("dims,cols", [(12, 40), (40, 12), (25_088, 16)])
+def test_gradmax_directions_are_the_top_singular_vectors(dims, cols):
+    """GradMax's fan-in rows: the top left singular vectors of its statistic T, found by a
+    thin SVD (a VGG classifier's 25,088 fan-in dims never make a dims x dims matrix), equal
+    to the eigenvectors of T T^T where that is small enough to form."""
+    from mgrow.datagrowth import top_directions
+    t = torch.randn(dims, cols, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    n = 8
+    rows = top_directions(t, None, n)
+    assert rows.shape == (n, dims)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(n, dtype=t.dtype))
+    s = torch.linalg.svdvals(t)
+    torch.testing.assert_close((rows @ t).norm(dim=1) ** 2, s[:n] ** 2)  # ||x T||^2, top n
+    if dims <= 100:
+        values, vectors = torch.linalg.eigh(t @ t.T)
+        top = vectors[:, -n:]
+        torch.testing.assert_close(rows.T @ rows, top @ top.T)  # the same subspace
+    assert len(top_directions(t[:, :3], None, n)) == 3  # no more directions than T's rank
