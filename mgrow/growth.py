@@ -263,8 +263,11 @@ def _bn_corrected(arch: ArchSpec, mixing: MixingSpec | None, tensors: dict[str, 
     from .norms import correct_norms
     model = build(arch, mixing, meta=True).to_empty(device="cpu")
     model.load_state_dict(tensors, strict=True)
+    before = grid(members[0])  # > 1: a grown net grown again: its blocks keep their owners
+    owners = members[0].manifest.mixing.members if before > 1 else 1
     correct_norms(model, [b.model() for b in members],
-                  (arch.in_channels, arch.input_size, arch.input_size), gen)
+                  (arch.in_channels, arch.input_size, arch.input_size), gen, before=before,
+                  owners=owners)
     stats = {k: v.detach().clone() for k, v in model.state_dict().items()
              if k.endswith((".running_mean", ".running_var"))}
     return {**tensors, **stats}

@@ -146,11 +146,11 @@ def proxy_moments(model: nn.Module, x: torch.Tensor,
 
 
 def correct_norms(grown: nn.Module, members: list[nn.Module], input_shape: tuple[int, ...],
-                  gen: torch.Generator, steps: int | None = None
-                  ) -> dict[str, dict[str, torch.Tensor]]:
+                  gen: torch.Generator, steps: int | None = None, before: int = 1,
+                  owners: int = 1) -> dict[str, dict[str, torch.Tensor]]:
     """Set the grown net's BN running statistics by (1)-(2) of the module docstring on a
     proxy distilled in `steps` steps (None: PROXY_STEPS; 0: white noise); return
-    fit_norms's record.
+    fit_norms's record (`before`, `owners`: a grown member's grid, see fit_norms).
 
     `input_shape` (C, H, W) is one input's; PROXY_IMAGES proxy inputs are drawn from `gen`.
     """
@@ -159,13 +159,18 @@ def correct_norms(grown: nn.Module, members: list[nn.Module], input_shape: tuple
     shape = (PROXY_IMAGES, *input_shape)
     steps = PROXY_STEPS if steps is None else steps
     x = distilled_inputs(members, shape, gen, steps) if steps else proxy_inputs(shape, gen)
-    return fit_norms(grown, members, x)
+    return fit_norms(grown, members, x, before, owners)
 
 
-def fit_norms(grown: nn.Module, members: list[nn.Module], x: torch.Tensor
-              ) -> dict[str, dict[str, torch.Tensor]]:
+def fit_norms(grown: nn.Module, members: list[nn.Module], x: torch.Tensor, before: int = 1,
+              owners: int = 1) -> dict[str, dict[str, torch.Tensor]]:
     """Set the grown net's BN running statistics by (1)-(2) fitted on proxy inputs `x`;
-    return the proxy moments per layer: {name: {a, b, member_mean, member_var, mean, var}}."""
+    return the proxy moments per layer: {name: {a, b, member_mean, member_var, mean, var}}.
+
+    Channel block j of the grown net is member j mod m's; `before` > 1: the one member is a
+    grown net of `before` blocks owned in turn by `owners` members, and block j is its block
+    growth._old_block(j) (as the grown statistics themselves: growth._common)."""
+    from .growth import _old_block
     m = len(members)
     ref = [proxy_moments(member, x) for member in members]
     stats = [{n: (layer.running_mean.double(), layer.running_var.double())
@@ -175,8 +180,11 @@ def fit_norms(grown: nn.Module, members: list[nn.Module], x: torch.Tensor
     def correct(name: str, layer: Norm, u: torch.Tensor) -> None:
         g = layer.num_features // ref[0][name][0].numel()
 
-        def blocks(parts: list[torch.Tensor]) -> torch.Tensor:  # block b from member b mod m
-            return torch.cat([parts[b % m] for b in range(g)])
+        def blocks(parts: list[torch.Tensor]) -> torch.Tensor:
+            if before == 1:  # block b from member b mod m
+                return torch.cat([parts[b % m] for b in range(g)])
+            old = parts[0].chunk(before)
+            return torch.cat([old[_old_block(b, before, owners)] for b in range(g * before)])
         m_c, v_c = (blocks([r[name][i] for r in ref]) for i in (0, 1))
         mu, var = (blocks([s[name][i] for s in stats]) for i in (0, 1))
         mean_u, var_u = _moments(u)

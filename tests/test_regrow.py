@@ -175,6 +175,14 @@ def test_regrowing_an_odd_grid_keeps_every_tile_with_its_owner(members):
     for key in norms:
         for j, block in enumerate(full.tensors[key].chunk(6)):
             assert torch.equal(block, own[j % 2][key]), (key, j)
+    # with every tile copied, the blocks of one owner compute the same: --bn-correct gives
+    # them the same statistics (block 3 was corrected with A's member statistics)
+    corrected = fuse([third], init="copy", noise=0, bn_correct=True).tensors
+    for key in (k for k in norms if "running" in k):
+        blocks = corrected[key].chunk(6)
+        for j in range(2, 6):
+            torch.testing.assert_close(blocks[j], blocks[j % 2], rtol=1e-5, atol=1e-6,
+                                       msg=f"{key} block {j}")
 
 
 def test_regrowth_beyond_the_grid_limit_is_refused_and_never_written(members, tmp_path):
