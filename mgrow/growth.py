@@ -62,7 +62,20 @@ def owner(layer: MixedLayer, r: int, c: int, m: int) -> int:
 # -- coefficient initialisers: (existing (e, t), sources (n, t), generator) -> (new (n, t), note)
 
 def _scale(existing: Vectors) -> float:
-    return float(existing.norm(dim=1).mean()) if len(existing) else 1.0
+    """Return the mean norm of the existing vectors that are not zero (a regrown net's
+    `--init zero` tiles are), 1.0 when there are none."""
+    norms = existing.norm(dim=1)
+    norms = norms[norms > 1e-12 * float(norms.max())] if len(norms) else norms
+    return float(norms.mean()) if len(norms) else 1.0
+
+
+def _span(existing: Vectors, t: int) -> torch.Tensor:
+    """Return an orthonormal basis (t, rank) of the existing vectors' span: by SVD with a
+    rank tolerance, as the vectors may be fewer, more than t, repeated or zero."""
+    if not len(existing):
+        return torch.zeros(t, 0, dtype=torch.float64)
+    u, s, _ = torch.linalg.svd(existing.T.double(), full_matrices=False)
+    return u[:, s > 1e-9 * t * float(s[0])] if float(s[0]) > 0 else u[:, :0]
 
 
 def init_orthogonal(existing: Vectors, sources: Vectors, gen: torch.Generator
@@ -74,13 +87,11 @@ def init_orthogonal(existing: Vectors, sources: Vectors, gen: torch.Generator
     the existing vectors), and a note says so.
     """
     n, t = sources.shape
-    e = existing.shape[0]
+    basis = _span(existing, t)
     a = torch.randn(t, t, dtype=torch.float64, generator=gen)
-    if e:
-        q_e, _ = torch.linalg.qr(existing.T)  # (t, e): basis of the existing span
-        a = a - q_e @ (q_e.T @ a)
+    a = a - basis @ (basis.T @ a)
     q, r = torch.linalg.qr(a)
-    free = [q[:, k] for k in range(t) if abs(r[k, k]) > 1e-9 * t][: t - e]
+    free = [q[:, k] for k in range(t) if abs(r[k, k]) > 1e-9 * t][: t - basis.shape[1]]
     vecs = free[:n]
     note = None
     while len(vecs) < n:

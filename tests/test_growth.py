@@ -157,6 +157,29 @@ def test_orthogonal_init_is_orthogonal_and_well_scaled(pair):
                 assert abs(float(cos)) < 0.5
 
 
+@pytest.mark.parametrize("case", ["independent", "with zero vectors", "repeated",
+                                  "more than t"])
+def test_orthogonal_init_uses_every_free_direction_at_the_existing_norm(case):
+    """New coefficient vectors are orthonormal to each other and to the span of the
+    existing ones, scaled to the existing non-zero vectors' mean norm, whatever the existing
+    set looks like (a regrown net holds zero tiles, copies, more vectors than t)."""
+    from mgrow.growth import init_orthogonal
+    t, gen = 6, torch.Generator().manual_seed(0)
+    base = torch.randn(2, t, dtype=torch.float64, generator=gen) * torch.tensor([[1.], [3.]])
+    existing = {"independent": base,
+                "with zero vectors": torch.cat([base, torch.zeros(5, t, dtype=base.dtype)]),
+                "repeated": torch.cat([base, base, -base]),
+                "more than t": torch.cat([base, 2 * base, base.flip(0), base])}[case]
+    n = t - 2  # the free directions left
+    new, note = init_orthogonal(existing, torch.zeros(n, t, dtype=base.dtype), gen)
+    assert note is None
+    scale = float(base.norm(dim=1).mean()) if case != "more than t" else \
+        float(existing.norm(dim=1).mean())
+    unit = new / scale
+    torch.testing.assert_close(unit @ unit.T, torch.eye(n, dtype=base.dtype))
+    torch.testing.assert_close(new @ base.T, torch.zeros(n, 2, dtype=base.dtype))
+
+
 def test_copy_init_copies_and_fallback_is_reported(pair):
     a, b = pair
     model = _model(fuse([a, b], init="copy"))
