@@ -43,6 +43,7 @@ growth-stage row `fuse` with 3 x forward FLOPs x those images, like any training
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -93,8 +94,7 @@ def grow(method: str, job, state: dict[str, torch.Tensor],
                          "training images")
     start = time.perf_counter()
     wide = widen(job, state, common)
-    stream = _batches(data, job.batch_size, job.seed)
-    data_batches = [next(stream) for _ in range(job.steps)]
+    data_batches = _Steps(data, job.batch_size, job.seed, job.steps)
     notes = (gradmax if method == "gradmax" else firefly)(wide, data_batches, job)
     images = job.steps * job.batch_size * (2 if method == "firefly" else 1)
     fwd = forward_flops(job.arch)
@@ -112,6 +112,20 @@ def _batches(data, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, t
     while True:
         yield from batches(data, True, batch_size, epoch, seed)
         epoch += 1
+
+
+@dataclass
+class _Steps:
+    """The growth step's `steps` training batches, drawn again on every pass over them (the
+    same batches: the order is the seed's), so that they are never all in memory at once."""
+
+    data: object
+    batch_size: int
+    seed: int
+    steps: int
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return itertools.islice(_batches(self.data, self.batch_size, self.seed), self.steps)
 
 
 def _unit(rows: torch.Tensor) -> torch.Tensor:

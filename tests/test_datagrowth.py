@@ -204,3 +204,16 @@ def test_gradmax_directions_are_the_top_singular_vectors(dims, cols):
         top = vectors[:, -n:]
         torch.testing.assert_close(rows.T @ rows, top @ top.T)  # the same subspace
     assert len(top_directions(t[:, :3], None, n)) == 3  # no more directions than T's rank
+
+
+def test_growth_batches_are_drawn_again_per_pass_not_held(data):
+    """Firefly passes over its batches twice: each pass draws the same `steps` batches
+    again (the seed's order) instead of keeping them all in memory."""
+    steps = dg._Steps(data, BATCH, seed=3, steps=3)
+    first, second = list(steps), list(steps)
+    assert len(first) == 3 and all(len(y) == BATCH for _, y in first)
+    for (x1, y1), (x2, y2) in zip(first, second):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(first[0][1], first[1][1])  # a stream, not one batch repeated
+    other = next(iter(dg._Steps(data, BATCH, seed=4, steps=1)))
+    assert not torch.equal(other[1], first[0][1])
