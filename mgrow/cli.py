@@ -213,7 +213,7 @@ def flops(
     from .api import count_flops
     report = count_flops(bundle, reference_epochs, input_size)
     if as_json:
-        print(json.dumps(report, indent=1))
+        _print_json(report)
         return
     out.print(f"{report['arch']}: {report['convention']}", soft_wrap=True)
     table = Table(title="forward FLOPs per image")
@@ -414,6 +414,10 @@ def _positive(option: str, value: float | None) -> None:
         raise MgrowError(f"{option} must be a positive number, not {value:g}")
 
 
+def _print_json(obj: object, indent: int | None = 1) -> None:
+    print(L.dump_json(obj, indent))
+
+
 def _cfg(epochs, lr, batch_size, warmup, weight_decay, label_smoothing, seed, device, amp,
          channels_last, compile_, schedule):
     from pydantic import ValidationError
@@ -594,7 +598,7 @@ def evaluate(
     res = run(bundle, _source(data, data_dir, download, None, data_mode, workers, input_size),
               device, batch_size)
     if as_json:
-        print(json.dumps(res))
+        _print_json(res, indent=None)
     else:
         print(f"{res['bundle']} on {res['data']} ({res['test_images']:,} test images): "
               f"top-1 {100 * res['top1']:.2f}%, loss {res['loss']:.4f}")
@@ -611,7 +615,7 @@ def info(
     _positive("--reference-epochs", reference_epochs)
     res = run(bundle, reference_epochs)
     if as_json:
-        print(json.dumps(res, indent=1))
+        _print_json(res)
         return
     out.print(f"{res['bundle']}: {res['description']}, {res['bytes']:,} bytes, sha256 "
               f"{res['sha256'][:16]}..., format {res['format_version']}", soft_wrap=True)
@@ -680,10 +684,10 @@ def cka(
     if png is not None:
         write_heatmap(res, png, str(a), str(b), force)
     if as_json:
-        print(json.dumps({"a": str(a), "b": str(b), "images": res.images,
-                          "layers_a": res.layers_a, "layers_b": res.layers_b,
-                          "matrix": res.matrix, "matched": matched,
-                          "png": None if png is None else str(png)}, indent=1))
+        _print_json({"a": str(a), "b": str(b), "images": res.images,
+                     "layers_a": res.layers_a, "layers_b": res.layers_b,
+                     "matrix": res.matrix, "matched": matched,
+                     "png": None if png is None else str(png)})
         return
     table = Table(title=f"linear CKA of same-name layers, {a.name} vs {b.name} "
                   f"({res.images} test images)")

@@ -61,6 +61,7 @@ from torch import nn
 from . import MgrowError
 from .bundle import check_tensors, read_bytes, write_atomic
 from .data import Data, batches, steps_per_epoch
+from .limits import dump_json
 from .mixing import MixedConv2d
 
 CHECKPOINT_FORMAT = "mgrow-train-1"
@@ -595,7 +596,7 @@ def _write_metrics(path: Path, record: dict | None) -> None:
     try:
         with open(path, "a" if record is not None else "w") as f:
             if record is not None:
-                f.write(json.dumps(record) + "\n")
+                f.write(dump_json(record) + "\n")
         _write_summary(path)
     except OSError as e:
         raise MgrowError(f"{path}: cannot write metrics ({e.strerror})") from None
@@ -664,7 +665,7 @@ class _Reporter:
         if callable(self.progress):
             self.progress(record)
         elif self.progress == "json":
-            print(json.dumps(record), flush=True)
+            print(dump_json(record), flush=True)
         elif self.progress == "lines":  # ETA: this process's mean time per step so far
             done = record["step"] - self.step
             eta = (time.perf_counter() - self.t0) / done * (record["steps"] - record["step"])

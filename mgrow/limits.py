@@ -92,6 +92,20 @@ def load_json(text: str | bytes, where: object, what: str, max_bytes: int,
     raise MgrowError(f"{where}: " + not_json.format(what=what, why=why))
 
 
+def dump_json(obj: Any, indent: int | None = None) -> str:
+    """Return `obj` as strict JSON: a number that is not finite (a diverged loss, the CKA of
+    a layer whose output does not vary) is null, not the NaN that JSON parsers refuse."""
+    def strict(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return v
+    return json.dumps(strict(obj), indent=indent, allow_nan=False)
+
+
 # -- file names ------------------------------------------------------------------------------
 TEMP_SUFFIX = len("." + ".12345678.tmp")  # a temporary file: .NAME.XXXXXXXX.tmp
 SIDE_SUFFIX = len(".metrics.jsonl") + TEMP_SUFFIX  # the longest name made from an output's

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -26,7 +25,7 @@ from .data import Data, load_data, steps_per_epoch
 from .engine import (Progress, TrainConfig, TrainResult, barrier, evaluate, is_main_process,
                      resolve_device, train)
 from .flops import epochs_for_budget, forward_flops
-from .limits import check_memory, estimate
+from .limits import check_memory, dump_json, estimate
 from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Phase
 
 
@@ -318,6 +317,6 @@ def describe_outcome(o: Outcome) -> str:
 def metrics_json(o: Outcome) -> str:
     """Return the outcome as one JSON line."""
     r = o.result
-    return json.dumps({"output": str(o.path), "top1": r.accuracy, "loss": r.loss,
+    return dump_json({"output": str(o.path), "top1": r.accuracy, "loss": r.loss,
                        "train_loss": r.train_loss, "steps": r.steps, "images": r.images,
-                       "wall_s": r.wall_s, "device": r.device, "epochs": o.epochs})
+                      "wall_s": r.wall_s, "device": r.device, "epochs": o.epochs})

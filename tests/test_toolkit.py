@@ -180,6 +180,27 @@ def test_cka_of_a_bundle_with_itself_is_one_on_the_diagonal(example):
     assert (off < 1 - 1e-3).all() and (off > 0).all()  # other layers differ
 
 
+def test_cka_json_is_strict_where_a_layer_does_not_vary(example, tmp_path):
+    """A layer whose output is the same for every image has no CKA: `--json` prints null
+    there (json.dumps would print NaN, which strict JSON parsers refuse)."""
+    from mgrow.bundle import save
+    folder, _ = example
+    small = mgrow.load(folder / "small.safetensors")
+    head = next(k.removesuffix(".bias") for k in small.tensors if k.endswith(".bias")
+                and small.tensors[k].numel() == 10)  # the classifier: 10 classes
+    flat = {k: torch.zeros_like(v) if k.startswith(head + ".") else v
+            for k, v in small.tensors.items()}  # constant logits
+    save(tmp_path / "flat.safetensors", small.manifest, flat)
+    res = run_cli("cka", folder / "small.safetensors", tmp_path / "flat.safetensors",
+                  "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    col = out["layers_b"].index(head)
+    assert all(row[col] is None for row in out["matrix"])
+    assert out["matched"][head] is None
+    assert all(v is not None for k, v in out["matched"].items() if k != head)
+
+
 def test_cka_feeds_each_bundle_its_own_normalisation(example, tmp_path):
     """B recording another std sees the images normalised by it (it was fed A's): small
     against itself re-recorded with twice the std is small on x against small on x / 2."""
