@@ -298,3 +298,34 @@ def test_refusals(tmp_path, pair):
     assert r.returncode == 2 and "different architectures" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (d / "out.safetensors").exists()
+
+
+def test_cli_fuse_options_take_effect_and_read_no_data(tmp_path, cifar_batch):
+    """`mgrow fuse` as a user runs it: --init zero and --tiling reach the grown net (the
+    members' mean, recorded), --bn-correct changes the BN statistics and nothing else,
+    every coefficient trains after growth (the paper's step 6), and the mixture growth
+    reads no data: members recording a data set that is not there grow all the same."""
+    gone = DatasetSpec(spec="npz:/nonexistent/data", num_classes=10, channels=3,
+                       input_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, train_size=10)
+    a = make_bundle(tmp_path / "a.safetensors", ARCH, seed=1, data=gone)
+    b = make_bundle(tmp_path / "b.safetensors", ARCH, seed=2, data=gone)
+    out = {}
+    for name, options in {"zero": ("--init", "zero", "--tiling", "horizontal"),
+                          "plain": (), "corrected": ("--bn-correct",)}.items():
+        r = run_cli("fuse", a.path, b.path, *options, "-o", tmp_path / f"{name}.safetensors")
+        assert r.returncode == 0, r.stderr
+        out[name] = load(tmp_path / f"{name}.safetensors")
+    growth = out["zero"].manifest.growth
+    assert (growth.init, growth.tiling, growth.bn_correct) == ("zero", "horizontal", False)
+    mean = (_logits(a.model(), cifar_batch) + _logits(b.model(), cifar_batch)) / 2
+    torch.testing.assert_close(_logits(out["zero"].model(), cifar_batch), mean, rtol=1e-5,
+                               atol=1e-5)
+    assert out["corrected"].manifest.growth.bn_correct
+    plain, corrected = out["plain"].tensors, out["corrected"].tensors
+    changed = {k for k in plain if not torch.equal(plain[k], corrected[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var")) for k in changed)
+    model = out["plain"].model()
+    assert out["plain"].manifest.mixing.freeze_edges is False
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    alphas = {k for k in plain if k.endswith(".alpha")}
+    assert alphas and alphas <= trainable  # stem and classifier coefficients included
