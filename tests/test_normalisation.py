@@ -52,6 +52,27 @@ def test_finetune_on_other_size_keeps_the_recorded_data(subset_bundle, tmp_path)
     assert ledger(man, 10)["reference_flops"] == ledger(before, 10)["reference_flops"]
 
 
+def test_finetune_normalises_with_the_recorded_statistics(subset_bundle, tmp_path):
+    """finetune feeds the network images normalised by the bundle's recorded mean/std, not
+    by statistics of the data it is given: the same data given by name or taken from the
+    record trains the same weights, and a bundle recording twice the std trains others."""
+    from mgrow.bundle import save
+    small = load(subset_bundle)
+    data = small.manifest.data
+    doubled = tmp_path / "std2.safetensors"
+    save(doubled, small.manifest.model_copy(update={"data": data.model_copy(
+        update={"std": tuple(2 * s for s in data.std)})}), small.tensors)
+    runs = {"named": (subset_bundle, DataSource("digits", subset=200)),
+            "recorded": (subset_bundle, DataSource()),
+            "doubled": (doubled, DataSource("digits", subset=200))}
+    weights = {}
+    for name, (bundle, source) in runs.items():
+        finetune(bundle, source, CFG, tmp_path / f"{name}.safetensors", progress="quiet")
+        weights[name] = load(tmp_path / f"{name}.safetensors").tensors
+    assert all(torch.equal(v, weights["recorded"][k]) for k, v in weights["named"].items())
+    assert not all(torch.equal(v, weights["doubled"][k]) for k, v in weights["named"].items())
+
+
 def test_budget_counts_the_images_actually_used(subset_bundle, tmp_path):
     """A grown net finetuned to a budget on a larger set than recorded stops at the budget."""
     sib = tmp_path / "sib.safetensors"
