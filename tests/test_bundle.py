@@ -39,7 +39,9 @@ def test_refuses_to_overwrite(bundle_file):
     with pytest.raises(MgrowError, match="already exists"):
         save(bundle_file, b.manifest, b.tensors)
     assert bundle_file.read_bytes() == before
-    save(bundle_file, b.manifest, b.tensors, force=True)
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in b.tensors.items()}
+    save(bundle_file, b.manifest, changed, force=True)  # --force overwrites
+    assert all(torch.equal(v, changed[k]) for k, v in load(bundle_file).tensors.items())
 
 
 def _with_manifest(bundle_file, path, edit):

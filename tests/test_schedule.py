@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mgrow import MgrowError
 from mgrow.arch import build
@@ -37,13 +38,16 @@ def test_resume_under_another_schedule_is_refused(tmp_path):
     cfg = TrainConfig(epochs=1, batch_size=128, warmup_epochs=0, eval_every_epoch=False)
     spec, data, ckpt = ArchSpec(name="wrn-10-1", in_channels=1, input_size=8), \
         load_data("digits"), tmp_path / "run.ckpt"
-    train(build(spec, MixingSpec()), data, cfg, checkpoint=ckpt, progress="quiet")
+    straight = build(spec, MixingSpec())
+    train(straight, data, cfg, checkpoint=ckpt, progress="quiet")
     assert ckpt.exists()  # written at the end of the epoch
     again = cfg.model_copy(update={"schedule": "step"})
     with pytest.raises(MgrowError, match=r"differs .*schedule step \(checkpoint: cosine\)"):
         train(build(spec, MixingSpec()), data, again, checkpoint=ckpt, resume=True,
               progress="quiet")
-    train(build(spec, MixingSpec()), data, cfg, checkpoint=ckpt, resume=True, progress="quiet")
+    model = build(spec, MixingSpec())  # under its own schedule it resumes, at the end
+    assert train(model, data, cfg, checkpoint=ckpt, resume=True, progress="quiet").steps == 11
+    assert all(torch.equal(v, straight.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def test_cli_trains_under_the_step_schedule(tmp_path):
