@@ -93,6 +93,26 @@ def test_loss_falls_on_cifar_subset():
     assert result.accuracy > 0.15  # 1,000 test images: chance is 0.10 +- 0.01
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_first_step_loss_is_cross_entropy_with_the_label_smoothing(digits, smoothing):
+    """The training loss is cross-entropy with --label-smoothing: one step's recorded loss
+    is F.cross_entropy of the untrained net on the first batch, smoothed as configured."""
+    from mgrow.data import batches
+    cfg = CFG.model_copy(update={"epochs": 1 / 11, "label_smoothing": smoothing,
+                                 "eval_every_epoch": False})
+    net, records = _mixed(), []
+    x, y = next(iter(batches(digits, True, cfg.batch_size, 0, cfg.seed)))
+    with torch.no_grad():
+        want = float(torch.nn.functional.cross_entropy(_mixed().train()(x), y,
+                                                       label_smoothing=smoothing))
+        plain = float(torch.nn.functional.cross_entropy(_mixed().train()(x), y))
+    result = train(net, digits, cfg, progress=records.append)
+    assert result.steps == 1
+    assert records[0]["train_loss"] == pytest.approx(want, rel=1e-5)
+    if smoothing:
+        assert abs(want - plain) > 1e-3  # the smoothing shows in the number checked
+
+
 def test_param_groups_decay_banks_and_weights_only():
     mixed = build(DIGITS_ARCH, MixingSpec(freeze_edges=False))
     groups = {g["weight_decay"]: g for g in param_groups(mixed, 5e-4)}
