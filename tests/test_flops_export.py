@@ -10,7 +10,7 @@ import torchvision
 from fvcore.nn import FlopCountAnalysis
 
 from mgrow.arch import build
-from mgrow.bundle import load
+from mgrow.bundle import load, save
 from mgrow.flops import epochs_for_budget, forward_flops, ledger, param_counts
 from mgrow.manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Phase
 
@@ -92,6 +92,25 @@ def test_export_matches_and_loads_into_torchvision(tmp_path, cifar_batch):
     exported = load(tmp_path / "plain.safetensors")
     assert exported.manifest.mixing is None
     assert not any(k.startswith("banks.") for k in exported.tensors)
+
+
+def test_a_grown_net_exports_into_torchvision(tmp_path, cifar_batch):
+    """What a user ships after growing: two resnet18 x0.5 fused, exported, loaded strictly
+    into torchvision's resnet18, computing the grown net's logits."""
+    from mgrow.growth import fuse
+    half = ArchSpec(name="resnet18", width=0.5)
+    members = [make_bundle(tmp_path / f"{n}.safetensors", half, seed=s)
+               for n, s in (("a", 1), ("b", 2))]
+    grown = fuse(members)
+    save(tmp_path / "g.safetensors", grown.manifest, grown.tensors)
+    r = run_cli("export", tmp_path / "g.safetensors", "-o", tmp_path / "plain.safetensors")
+    assert r.returncode == 0, r.stderr
+    tv = torchvision.models.resnet18(num_classes=10)
+    tv.load_state_dict(safetensors.torch.load_file(tmp_path / "plain.safetensors"), strict=True)
+    with torch.no_grad():
+        ref = load(tmp_path / "g.safetensors").model().eval()(cifar_batch)
+        out = tv.eval()(cifar_batch)
+    assert float((ref - out).abs().max() / ref.abs().max()) <= 1e-5
 
 
 def test_help_lists_every_subcommand():
