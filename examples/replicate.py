@@ -29,6 +29,11 @@ number comes with its ledger. Rows:
   mg-converted    growth from a converted plain checkpoint: `small-plain` exported,
                   `convert`ed (default spare templates) and grown alone
   random-plain, net2net-plain   the baselines grown from the same plain checkpoint
+  mg-converted-sibling
+                  what README tells a user with a plain checkpoint to do: convert it, train
+                  a sibling, fuse the two (the sibling is `mg`'s: train-sibling on the
+                  converted bundle trains the very same weights, a fresh net of the same
+                  architecture and mixing spec on the same data and seed; CI checks that)
   mg-best         the best recipe measured (BEST below) under the same post-growth rule
   ROW-lr-X        any growth row finetuned at peak lr X instead of the rule's (the same
                   grown net: net2net-lr-0.02 finetunes net2net.grown); to choose the rule
@@ -108,7 +113,7 @@ MAIN = ("small", "mg", "random", "net2net", "gradmax", "firefly", "large", "smal
         "large-match", "small-plain", "mg-best", "mg-nofusion", "mg-converted")
 GROWTH_STEPS = 8  # batches of the gradmax/firefly growth step, unless a scale says otherwise
 ABLATIONS = ("mg-init-random", "mg-init-copy", "mg-init-zero", "mg-horizontal",
-             "random-plain", "net2net-plain")
+             "random-plain", "net2net-plain", "mg-converted-sibling")
 POINTS = (0.0, 0.5, 1.0)
 LRS = (0.02, 0.05, 1e-3, 1e-4)  # post-growth peak lr sweep of `mg` (the rule's lr is `mg`)
 # the candidate best recipe (fuse options): a function-preserving start (the members'
@@ -120,9 +125,10 @@ BEST = dict(init="zero")
 # growth budget's share; "match": as many half-width epochs as the growth budget pays for)
 FIXED = {"small": (0.5, 1.0), "small-plain": (0.5, 1.0), "small-match": (0.5, "match"),
          "large": (1.0, 1.0), "large-match": (1.0, "budget")}
-PLAIN_START = ("mg-converted", "random-plain", "net2net-plain")  # grown from small-plain
+# grown from small-plain (the converted rows from it exported and converted)
+PLAIN_START = ("mg-converted", "mg-converted-sibling", "random-plain", "net2net-plain")
 GROWTH = ("random", "net2net", "gradmax", "firefly", "random-plain", "net2net-plain", "mg",
-          "mg-nofusion", "mg-converted", "mg-horizontal", "mg-best")
+          "mg-nofusion", "mg-converted", "mg-converted-sibling", "mg-horizontal", "mg-best")
 
 
 def parse_row(name: str) -> tuple[str, float | None]:
@@ -281,8 +287,9 @@ class Runner:
                                         start="small-plain")
         elif base == "mg-nofusion":
             path, at_growth = self.grow(name, None, lr)
-        elif base == "mg-converted":
-            path, at_growth = self.grow(name, None, lr, start="converted")
+        elif base in ("mg-converted", "mg-converted-sibling"):
+            sibling = self.sibling(self.s["point"]) if base == "mg-converted-sibling" else None
+            path, at_growth = self.grow(name, sibling, lr, start="converted")
         else:
             point = float(base.rpartition("-")[2]) if base.startswith("mg-point-") \
                 else self.s["point"]
@@ -402,7 +409,8 @@ def summarise(runs: list[dict], scale_name: str, scale: dict) -> str:
 # grown from the same checkpoint
 VERDICTS = {"mg": ("random", "net2net", "gradmax", "firefly", "mg-nofusion", "mg-best",
                    "small-match", "large-match", "large"),
-            "mg-converted": ("random-plain", "net2net-plain")}
+            "mg-converted": ("random-plain", "net2net-plain"),
+            "mg-converted-sibling": ("random-plain", "net2net-plain", "mg-converted")}
 
 
 def verdict(runs: list[dict], row: str = "mg", others: tuple[str, ...] = VERDICTS["mg"]) -> str:

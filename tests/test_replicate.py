@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -32,7 +33,7 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
     scale = rep.SCALES["tiny"]
     step = scale["batch"] / scale["subset"] / scale["epochs"]  # one large-net step, normalised
     assert not result["meta"]["data"].partition(":")[2].startswith("/")  # project-relative
-    plain_start = ("mg-converted", "random-plain", "net2net-plain")
+    plain_start = ("mg-converted", "mg-converted-sibling", "random-plain", "net2net-plain")
     for name, r in runs.items():
         assert 0 <= r["top1"] <= 1 and r["ledger"], name
         assert r["commit"] and r["commit"] in (result["meta"]["commit"],
@@ -53,8 +54,8 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
             grown = load(out / f"seed0/{name.partition('-lr-')[0]}.grown.safetensors")
             assert r["grown_sha256"] == rep.weights_sha(grown.path), name
             assert grown.manifest.lineage.parents[0].sha256 == sha256_file(
-                out / ("seed0/small-converted.safetensors" if name == "mg-converted" else
-                       f"seed0/{start}.safetensors")), name  # grown from that very start
+                out / ("seed0/small-converted.safetensors" if name.startswith("mg-converted")
+                       else f"seed0/{start}.safetensors")), name  # grown from that very start
             stages = [p["stage"] for p in r["ledger"]]
             assert stages[0] == "base" and stages[-1] == "growth"
             # one post-growth rule for every growth row: BN recalibrated, then finetuned
@@ -74,6 +75,17 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
     # the converted checkpoint's own training is its base; growing it costs the budget
     base = [p for p in runs["mg-converted"]["ledger"] if p["stage"] == "base"]
     assert base == [p for p in runs["small-plain"]["ledger"]]
+    # mg-converted-sibling fuses the converted net with `mg`'s sibling: train-sibling on the
+    # converted bundle trains bit for bit the same net (same architecture, mixing, data, seed)
+    from mgrow.phases import train_sibling
+    runner = rep.Runner(out / "seed0", scale, 0, f"npz:{tiny_cifar}", True, "test")
+    cfg = runner.cfg(scale["point"] * scale["epochs"]).model_copy(update={"seed": 1000})
+    own = train_sibling(out / "seed0/small-converted.safetensors", runner.source, cfg,
+                        tmp_path / "own-sibling.safetensors", progress="quiet")
+    shared = load(out / "seed0/sibling-0.8.safetensors").tensors
+    assert all(torch.equal(v, shared[k]) for k, v in load(own.path).tensors.items())
+    assert [p["operation"] for p in runs["mg-converted-sibling"]["ledger"]
+            if p["stage"] == "growth"][0] == "train-sibling"
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in expected)
     assert "- random: " in table and "- large: " in table  # mg against each, per seed
