@@ -75,7 +75,7 @@ def _span(existing: Vectors, t: int) -> torch.Tensor:
     if not len(existing):
         return torch.zeros(t, 0, dtype=torch.float64)
     u, s, _ = torch.linalg.svd(existing.T.double(), full_matrices=False)
-    return u[:, s > 1e-9 * t * float(s[0])] if float(s[0]) > 0 else u[:, :0]
+    return u[:, s > 1e-9 * t * float(s[0])]  # none when every vector is zero
 
 
 def init_orthogonal(existing: Vectors, sources: Vectors, gen: torch.Generator
