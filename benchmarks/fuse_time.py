@@ -21,7 +21,7 @@ import torch
 from mgrow.arch import build
 from mgrow.bundle import load, save_model
 from mgrow.engine import param_groups
-from mgrow.growth import fuse_files
+from mgrow.phases import fuse_files
 from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec
 
 from step_time import real_batch

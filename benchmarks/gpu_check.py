@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT))  # mgrow from this checkout, installed or not (the
 from mgrow.arch import build  # noqa: E402
 from mgrow.bundle import load, save_model  # noqa: E402
 from mgrow.engine import lr_at, param_groups  # noqa: E402
-from mgrow.growth import fuse, fuse_files  # noqa: E402
+from mgrow.growth import fuse  # noqa: E402
+from mgrow.phases import fuse_files  # noqa: E402
 from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"  # --cifar

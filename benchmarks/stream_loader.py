@@ -91,7 +91,7 @@ def throughput(a: argparse.Namespace) -> None:
     from torchvision.transforms import v2
 
     from mgrow.data import balanced_subset, batches, load_data
-    from mgrow.stream import IMAGENET_MEAN, IMAGENET_STD
+    from mgrow.data.transforms import IMAGENET_MEAN, IMAGENET_STD
     data = load_data(f"imagefolder:{a.folder}", subset=a.small, input_size=a.size,
                      workers=a.workers)
     recipe = v2.Compose([v2.RandomResizedCrop(a.size, antialias=True),

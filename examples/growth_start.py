@@ -31,9 +31,10 @@ import torch
 from mgrow.bundle import load, save
 from mgrow.convert import convert_checkpoint
 from mgrow.engine import TrainConfig, evaluate
-from mgrow.growth import fuse_files
-from mgrow.norms import recalibrate
-from mgrow.phases import DataSource, finetune
+from mgrow.phases import fuse_files
+from mgrow.growth.norms import recalibrate
+from mgrow.data import DataSource
+from mgrow.phases import finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXTURE = {f"mg-{i}": dict(init=i) for i in ("orthogonal", "random", "copy", "zero")}

@@ -71,9 +71,11 @@ from mgrow.arch import build
 from mgrow.bundle import load, save_model
 from mgrow.engine import TrainConfig, evaluate
 from mgrow.flops import forward_flops, reference_flops
-from mgrow.growth import INITS, fuse_files
+from mgrow.growth import INITS
+from mgrow.phases import fuse_files
 from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec
-from mgrow.phases import DataSource, finetune, side_files, train_new
+from mgrow.data import DataSource
+from mgrow.phases import finetune, side_files, train_new
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
@@ -592,7 +594,7 @@ def write_results(a: argparse.Namespace, scale: dict, runs: list[dict]) -> None:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                        f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
             "scale": a.scale, **scale, "data": project_spec(a.data), "seeds": a.seeds}
-    from mgrow.bundle import write_atomic  # the state a run spanning sessions continues from
+    from mgrow.files import write_atomic  # the state a run spanning sessions continues from
     write_atomic(a.out / "results.json", json.dumps({"meta": meta, "runs": runs},
                                                     indent=1).encode(), force=True)
     table = summarise(runs, a.scale, scale)

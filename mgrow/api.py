@@ -26,12 +26,14 @@ from typing import Any
 
 from torch import nn
 
-from . import MgrowError
-from .bundle import Bundle, check_writable, load, sha256_file, write_atomic
+from .bundle import Bundle, load
+from .data import DataSource
 from .engine import Progress, TrainConfig
+from .errors import MgrowError
+from .files import check_writable, sha256_file, write_atomic
 from .flops import REFERENCE_EPOCHS, ledger, param_counts
 from .manifest import Lineage
-from .phases import DataSource, Outcome, grown_output
+from .phases import Outcome, grown_output
 
 PathLike = str | os.PathLike
 __all__ = ["Bundle", "DataSource", "MgrowError", "Outcome", "TrainConfig", "build_model",
@@ -91,7 +93,8 @@ def train_sibling(small: PathLike | Outcome, output: PathLike | None = None, *,
                   progress: Progress = "bar", resume: bool = False, force: bool = False,
                   **knobs: Any) -> Outcome:
     """Train SMALL's sibling (`mgrow train-sibling`); default output SMALL-sibling, numbered."""
-    from .phases import small_seed, train_sibling as run
+    from .phases import small_seed
+    from .phases import train_sibling as run
     small = _path(small)
     if config is None and epochs is None:
         raise MgrowError("missing epochs: how long to train the sibling")
@@ -123,7 +126,7 @@ def fuse(a: PathLike | Outcome, b: PathLike | Outcome | None = None,
 def fuse_bundles(a: PathLike | Outcome, b: PathLike | Outcome | None = None,
                  output: PathLike | None = None, *, force: bool = False, **options: Any):
     """Return (path, growth result with notes) of `fuse`; what the CLI calls."""
-    from .growth import fuse_files
+    from .phases import fuse_files
     a = _path(a)
     output = grown_output(a) if output is None else Path(output)
     return fuse_files(a, None if b is None else _path(b), output, force=force, **options)
@@ -222,9 +225,11 @@ def cka(a: PathLike | Outcome, b: PathLike | Outcome, data: str | DataSource | N
     The result's `.matrix[i][j]` compares A's layer `.layers_a[i]` with B's
     `.layers_b[j]`; `.matched()` gives the layers present in both under one name.
     """
+    from .data import with_normalisation
     from .engine import resolve_device
-    from .phases import check_fits, with_normalisation
-    from .similarity import cka_models, images as first_images
+    from .phases import check_fits
+    from .similarity import cka_models
+    from .similarity import images as first_images
     ba, bb = load(_path(a)), load(_path(b))
     data_ = _source(data).load(ba.manifest.data)
     for x in (ba, bb):

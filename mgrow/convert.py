@@ -18,10 +18,13 @@ to the rows Q[l] of the layers gives (Q a)_l = 0), so the spares decide what new
   shuffled by random permutations: a trained filter bank rearranged (a permuted copy of a
   trained layer is what another trained network of the same shape looks like up to the
   order of its units), so new tiles mix learned filters at the learned scale. Measured
-  (README, "Growing a converted checkpoint"): it did not beat `random` (32.3% vs 37.2%
-  after one epoch of finetuning, WRN-16-2 x0.5 -> x1 on 4,000 CIFAR-10 images), so it is
-  not the default.
+  (docs/growing.md, "BN at growth, and growing a converted checkpoint"): it did not beat
+  `random` (32.3% vs 37.2% after one epoch of finetuning, WRN-16-2 x0.5 -> x1 on 4,000
+  CIFAR-10 images), so it is not the default.
 Stem and classifier (t = 1) keep their weight as the single template with coefficient 1.
+
+Owns `convert_checkpoint`, `convert_state`, `read_checkpoint`. Imports mgrow.errors, manifest,
+mixing, arch, bundle, files, and (to record a data set) data.
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from . import MgrowError
 from .arch import build
-from .bundle import check_tensors, conform, header, load_tensors, read_bytes
+from .bundle import check_tensors, conform, header, load_tensors
+from .errors import MgrowError
+from .files import read_bytes
 from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Parent
 from .mixing import mixed_layers, random_orthogonal
-
 
 CHUNK_BYTES = 64 << 20  # float64 working set of convert_state per slice
 
@@ -282,7 +285,8 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     normalises with what the bundle records).
     """
     from .arch import check_name
-    from .bundle import check_writable, save, sha256_file, writer_lock
+    from .bundle import save
+    from .files import check_writable, sha256_file, writer_lock
     check_name(arch_name)
     check_writable(output, force)
     if normalisation is not None and data is None:

@@ -9,6 +9,9 @@ costs 3 x forward (forward + backward for activations and weights).
 Worked example: `forward_flops(ArchSpec(name="wrn-16-1"))` is 26,923,648 (about 26.9M:
 convolutions, batch norm, pooling and the classifier), so one epoch of 50,000 CIFAR images
 costs 3 x 26,923,648 x 50,000 = 4.04e12 training FLOPs.
+
+Owns `forward_flops`, `param_counts`, `ledger`, `epochs_for_budget`, `report`. Imports
+mgrow.errors, manifest, arch and bundle.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def epochs_for_budget(manifest: Manifest, budget: float,
     Worked example: a grown net whose sibling spent 0.10X, with budget 0.45X and the
     paper's 200 reference epochs, gets (0.45 - 0.10) x 200 = 70 epochs.
     """
-    from . import MgrowError
+    from .errors import MgrowError
     if manifest.data is None or manifest.data.train_size == 0:
         raise MgrowError("--budget needs the bundle's data set (pass --data)")
     ref = reference_flops(manifest, reference_epochs)

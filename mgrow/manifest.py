@@ -3,6 +3,9 @@
 A bundle alone rebuilds its model: `ArchSpec` names the network, `MixingSpec` (absent for
 plain networks) says how its weights are generated from templates, `DatasetSpec` says what
 it was trained on, `lineage` how it was made and `phases` what its training cost.
+
+Owns every model of the schema and FORMAT_VERSION. Imports mgrow.limits (the bounds its
+fields check) only, and not torch.
 """
 
 from __future__ import annotations
@@ -141,7 +144,7 @@ class Growth(_Strict):
     seed: int = Field(ge=0, le=L.MAX_SEED)
     noise: float = Field(0.0, ge=0, le=L.MAX_NOISE)
     rank_notes: tuple[str, ...] = ()  # where the initialiser could not reach full orthogonality
-    bn_correct: bool = False  # BN running statistics corrected without data (mgrow.norms)
+    bn_correct: bool = False  # BN running statistics corrected without data (mgrow.growth.norms)
 
 
 class Manifest(_Strict):

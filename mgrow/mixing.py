@@ -20,6 +20,9 @@ Banks are owned by the model (`model.banks`, an nn.ParameterList); a layer refer
 bank by index in that list, so each tensor is registered (and saved, and synchronised by
 DDP) exactly once, and `to_empty`, `load_state_dict(assign=True)` and the like never leave
 a layer holding a stale tensor.
+
+Owns `MixedLayer` (`MixedConv2d`, `MixedLinear`), `Builder`, `plain_state_dict`. Imports
+mgrow.manifest only.
 """
 
 from __future__ import annotations

@@ -4,12 +4,15 @@ it as a row of the bundle's training-FLOPs ledger.
 A phase's stage is `base` while the user's starting network is being made (train,
 finetune of an ungrown net) and `growth` for what is spent to grow it (train-sibling, and
 finetune of a grown net); `fuse` re-labels the sibling's phases as growth.
+
+Owns `train_new`, `train_sibling`, `finetune`, `fuse_files`, `evaluate_bundle`, `check_fits`.
+Imports every library layer below it (arch, bundle, data, engine, flops, growth, ...),
+never mgrow.api or mgrow.cli.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import time
@@ -18,15 +21,18 @@ from pathlib import Path
 
 from torch import nn
 
-from . import MgrowError
 from .arch import build, check_name
-from .bundle import check_writable, load, save_model, writer_lock
-from .data import Data, load_data, steps_per_epoch
+from .bundle import load, save, save_model
+from .data import Data, DataSource, steps_per_epoch
 from .engine import (Progress, TrainConfig, TrainResult, barrier, evaluate, is_main_process,
                      resolve_device, train)
+from .errors import MgrowError
+from .files import check_writable, writer_lock
 from .flops import epochs_for_budget, forward_flops
-from .limits import check_memory, dump_json, estimate
-from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Phase
+from .footprint import estimate
+from .growth import DATA_METHODS, Grown, fuse
+from .limits import check_memory, dump_json
+from .manifest import ArchSpec, Lineage, Manifest, MixingSpec, Phase
 
 
 @dataclass
@@ -35,56 +41,6 @@ class Outcome:
     manifest: Manifest
     result: TrainResult
     epochs: float
-
-
-@dataclass
-class DataSource:
-    """Where data comes from: a --data spec (or the bundle's), plus the loading options."""
-
-    spec: str | None = None
-    data_dir: str | None = None
-    download: bool = False
-    subset: int | None = None
-    mode: str = "auto"  # auto | memory | stream (see mgrow.data)
-    workers: int | None = None  # streamed sets: loader processes (None: the CPUs, at most 8)
-    input_size: int | None = None  # image folders (None: the bundle's, else 224)
-    stats: str = "imagenet"  # streamed sets: mean/std from ImageNet, or measured on a sample
-
-    def load(self, recorded: DatasetSpec | None = None) -> Data:
-        """Return the data: the given spec, else the one a bundle recorded (same subset).
-
-        A bundle's recorded normalisation is part of its function: when `recorded` is given,
-        the returned data are normalised with the recorded mean and std, whatever spec or
-        subset was asked for (so `eval` with and without `--data` agree). Without --data and
-        --subset the training split is cut to the recorded training-set size.
-        """
-        if self.spec is None and recorded is None:
-            raise MgrowError("no data set: pass --data (the bundle does not record one)")
-        spec = self.spec if self.spec is not None else recorded.spec
-        # the recorded data without --subset: at most the recorded training size (the whole
-        # split when the data on this machine holds fewer), listed and loaded once
-        at_most = self.subset is None and self.spec is None
-        data = self._load(spec, recorded.train_size if at_most else self.subset, recorded,
-                          at_most)
-        return data if recorded is None else with_normalisation(data, recorded)
-
-    def _load(self, spec: str, subset: int | None, recorded: DatasetSpec | None,
-              at_most: bool = False) -> Data:
-        """Return load_data's result; an image folder keeps the input size a bundle recorded."""
-        size = self.input_size
-        if size is None and recorded is not None and spec.startswith("imagefolder:"):
-            size = recorded.input_size
-        return load_data(spec, self.data_dir, self.download, subset, self.mode, size,
-                         self.stats, self.workers, at_most)
-
-
-def with_normalisation(data: Data, recorded: DatasetSpec) -> Data:
-    """Return `data` normalised with `recorded`'s mean and std (its own when channels differ;
-    check_fits then refuses the pair)."""
-    if len(recorded.mean) != data.spec.channels:
-        return data
-    spec = data.spec.model_copy(update={"mean": recorded.mean, "std": recorded.std})
-    return dataclasses.replace(data, spec=spec)
 
 
 def check_fits(arch: ArchSpec, data: Data, mixing: MixingSpec | None = None,
@@ -212,6 +168,26 @@ def grown_output(a: Path) -> Path:
     return free_output(a, "grown")
 
 
+def fuse_files(a: str | Path, b: str | Path | None, output: str | Path, *, force: bool = False,
+               source: DataSource | None = None, **options) -> tuple[Path, Grown]:
+    """Fuse bundle files into a grown bundle at `output`; return its path and the result.
+
+    gradmax and firefly read `source` (default: A's recorded data), loaded once fuse has
+    checked the options and checked against A's classes and input channels.
+    """
+    check_writable(output, force)
+    with writer_lock(output):  # held from the start: a second writer is refused at once
+        members = [load(a)] + ([load(b)] if b is not None else [])
+
+        def data() -> Data:
+            loaded = (source or DataSource()).load(members[0].manifest.data)
+            check_fits(members[0].manifest.arch, loaded)
+            return loaded
+        grown = fuse(members, data=data if options.get("method") in DATA_METHODS else None,
+                     **options)
+        return save(output, grown.manifest, grown.tensors, force), grown
+
+
 def small_seed(small_path: Path) -> int:
     """Return the seed SMALL's lineage records (0 if none): the sibling's default is + 1."""
     return _seed(load(small_path).manifest)
@@ -251,7 +227,7 @@ def finetune(path: Path, source: DataSource, cfg: TrainConfig, output: Path, *,
     """Continue training a bundle (stage growth once grown); a `budget` replaces cfg.epochs.
 
     `bn_recalibrate` N > 0: first re-estimate the BN statistics on N training batches
-    (mgrow.norms.recalibrate; a ledger row of N batches' forward FLOPs, counted in budgets).
+    (growth.norms.recalibrate; a ledger row of N batches' forward FLOPs, counted in budgets).
     """
     check_writable(output, run.get("force", False))  # refusals first, before any work
     check_no_checkpoint(output, run.get("resume", False))
@@ -283,7 +259,7 @@ def _recalibrate(man: Manifest, model: nn.Module, data: Data, cfg: TrainConfig, 
     """Recalibrate the model's BN statistics in place; return the ledger row it costs
     (forward FLOPs only: no backward pass)."""
     from .engine import device_name, resolve_device
-    from .norms import recalibrate
+    from .growth.norms import recalibrate
     dev = resolve_device(cfg.device)
     t0 = time.perf_counter()
     images = recalibrate(model, data, n, cfg.batch_size, cfg.seed, dev)

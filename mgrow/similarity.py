@@ -15,6 +15,8 @@ included), flattened per image, in the order the layers run, on the first n imag
 test split.
 One forward pass of all n images computes every layer's Gram matrix inside a hook, so
 memory is that of one batch of n images plus n x n per layer, whatever the layer widths.
+
+Owns `cka_models`, `linear_cka`, `heatmap`. Imports mgrow.errors, data and mixing.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import MgrowError
 from .data import Data, batches
+from .errors import MgrowError
 from .mixing import MixedConv2d, MixedLinear
 
 FEATURE_LAYERS = (nn.Conv2d, nn.Linear, MixedConv2d, MixedLinear)

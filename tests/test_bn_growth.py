@@ -14,9 +14,10 @@ from mgrow.data import batches, load_data
 from mgrow.engine import TrainConfig
 from mgrow.growth import fuse
 from mgrow.manifest import ArchSpec
-from mgrow import norms
-from mgrow.norms import norm_layers, proxy_moments, recalibrate
-from mgrow.phases import DataSource, finetune, train_new
+from mgrow.growth import norms
+from mgrow.growth.norms import norm_layers, proxy_moments, recalibrate
+from mgrow.data import DataSource
+from mgrow.phases import finetune, train_new
 
 from conftest import make_bundle
 

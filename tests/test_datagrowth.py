@@ -10,29 +10,21 @@ import torch
 import torch.nn.functional as F
 
 from mgrow import MgrowError
-from mgrow import datagrowth as dg
+from mgrow.growth import datadriven as dg
 from mgrow.arch import build
 from mgrow.bundle import Bundle, load
 from mgrow.flops import forward_flops, ledger
-from mgrow.growth import Job, _common, _g, _head, _plain, fuse
+from mgrow.growth import Job, fuse
+from mgrow.phases import fuse_files
+from mgrow.growth.grid import common, grid_size, head_name, plain_state
 from mgrow.manifest import ArchSpec
-from mgrow.phases import DataSource
+from mgrow.data import DataSource
 
 from conftest import CIFAR, make_bundle, run_cli
 
 # the paper's (and GradMax's) CIFAR WRN: BN only before each block
 ARCH = ArchSpec(name="wrn-10-2", width=0.5, norm="block")
 BATCH, STEPS = 32, 2
-
-
-class Loaded:
-    """A DataSource that hands out data already in memory (the tests load it once)."""
-
-    def __init__(self, data) -> None:
-        self.data = data
-
-    def load(self, recorded=None):
-        return self.data
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +68,7 @@ def _fanout_grad_norms(model, pairs, batches) -> dict[str, float]:
 
 
 def test_gradmax_preserves_function_and_beats_random_directions(member, data, cifar_batch):
-    grown = fuse([member], method="gradmax", source=Loaded(data), batch_size=BATCH,
+    grown = fuse([member], method="gradmax", data=data, batch_size=BATCH,
                  steps=STEPS)
     model = _model(grown)
     assert grown.manifest.mixing is None and grown.manifest.arch == ARCH.widened(2)
@@ -106,9 +98,9 @@ def test_firefly_keeps_the_candidates_that_decrease_the_loss_more(member, data):
         update={"factor": 2}), meta=True)
     job = Job([member], skeleton, ARCH.widened(2), member.manifest.mixing, "orthogonal", 0.1,
               torch.Generator().manual_seed(0), 0)
-    state = _plain(member)
-    wide = dg.widen(job, state, _common([state], job.skeleton, _g(job.skeleton),
-                                        _head(job.skeleton)))
+    state = plain_state(member)
+    wide = dg.widen(job, state, common([state], job.skeleton, grid_size(job.skeleton),
+                                        head_name(job.skeleton)))
     batches = _batches(data)
     probe = dg._probe(wide)
     kinds = [dg.candidates(wide, kind, 0.1, job.gen) for kind in ("split", "new")]
@@ -128,7 +120,7 @@ def test_firefly_keeps_the_candidates_that_decrease_the_loss_more(member, data):
 
 
 def test_firefly_grown_net_starts_below_the_members_loss(member, data):
-    grown = fuse([member], method="firefly", source=Loaded(data), batch_size=BATCH,
+    grown = fuse([member], method="firefly", data=data, batch_size=BATCH,
                  steps=STEPS)
     assert grown.notes and "firefly kept" in grown.notes[0]
     x, y = _batches(data)[0]
@@ -140,7 +132,7 @@ def test_firefly_grown_net_starts_below_the_members_loss(member, data):
 
 @pytest.mark.parametrize("method,passes", [("gradmax", 1), ("firefly", 2)])
 def test_growth_step_is_a_ledger_phase(member, data, method, passes):
-    grown = fuse([member], method=method, source=Loaded(data), batch_size=BATCH,
+    grown = fuse([member], method=method, data=data, batch_size=BATCH,
                  steps=STEPS)
     phase = grown.manifest.phases[-1]
     images = passes * STEPS * BATCH
@@ -173,7 +165,7 @@ def test_every_architecture_grows_with_data(tmp_path, data):
     """ResNet and VGG pairs (and their stream channels) keep the function with GradMax."""
     for arch in (ArchSpec(name="resnet18", width=0.0625), ArchSpec(name="vgg11_bn", width=0.0625)):
         a = make_bundle(tmp_path / f"{arch.name}.safetensors", arch, seed=3)
-        grown = fuse([a], method="gradmax", source=Loaded(data), batch_size=8, steps=1)
+        grown = fuse([a], method="gradmax", data=data, batch_size=8, steps=1)
         x = _batches(data)[0][0][:8]
         with torch.no_grad():
             assert torch.allclose(_model(grown).eval()(x), a.model().eval()(x),
@@ -181,9 +173,12 @@ def test_every_architecture_grows_with_data(tmp_path, data):
         assert dg.find_pairs(_model(grown), arch.widened(2))
 
 
-def test_data_methods_refuse_without_data(member):
-    with pytest.raises(MgrowError, match="no data set"):
+def test_data_methods_refuse_without_data(member, tmp_path):
+    with pytest.raises(MgrowError, match="gradmax reads training data; none was given"):
         fuse([member], method="gradmax")
+    with pytest.raises(MgrowError, match="no data set: pass --data"):  # none recorded either
+        fuse_files(member.path, None, tmp_path / "grown.safetensors", method="gradmax")
+    assert not (tmp_path / "grown.safetensors").exists()
 
 
 @pytest.mark.parametrize("dims,cols", [(12, 40), (40, 12), (25_088, 16)])
@@ -191,7 +186,7 @@ def test_gradmax_directions_are_the_top_singular_vectors(dims, cols):
     """GradMax's fan-in rows: the top left singular vectors of its statistic T, found by a
     thin SVD (a VGG classifier's 25,088 fan-in dims never make a dims x dims matrix), equal
     to the eigenvectors of T T^T where that is small enough to form."""
-    from mgrow.datagrowth import top_directions
+    from mgrow.growth.datadriven import top_directions
     t = torch.randn(dims, cols, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     n = 8
     rows = top_directions(t, None, n)

@@ -88,9 +88,11 @@ def logged(name, fn):
     return wrapper
 
 
-mgrow.engine.write_atomic = logged("write_atomic", mgrow.engine.write_atomic)
-mgrow.engine._write_metrics = logged("metrics", mgrow.engine._write_metrics)
-mgrow.bundle.write_atomic = logged("write_atomic", mgrow.bundle.write_atomic)
+mgrow.engine.checkpoint.write_atomic = logged("write_atomic",
+                                              mgrow.engine.checkpoint.write_atomic)
+mgrow.engine.progress.write_atomic = logged("write_atomic", mgrow.engine.progress.write_atomic)
+mgrow.engine.loop.write_metrics = logged("metrics", mgrow.engine.loop.write_metrics)
+mgrow.bundle.write_atomic = logged("write_atomic", mgrow.bundle.write_atomic)  # save()
 
 
 def cli(*args):

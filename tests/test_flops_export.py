@@ -127,7 +127,7 @@ def test_help_lists_every_subcommand():
 def test_cli_choices_match_the_library():
     from typing import get_args
 
-    from mgrow import cli
+    from mgrow.cli import options as cli
     from mgrow.growth import INITS, METHODS
     from mgrow.manifest import ArchSpec, MixingSpec
 

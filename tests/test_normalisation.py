@@ -10,8 +10,9 @@ import torch
 from mgrow.bundle import load
 from mgrow.engine import TrainConfig
 from mgrow.flops import ledger, reference_flops
-from mgrow.growth import fuse_files
-from mgrow.phases import DataSource, evaluate_bundle, finetune, train_new, train_sibling
+from mgrow.phases import fuse_files
+from mgrow.data import DataSource
+from mgrow.phases import evaluate_bundle, finetune, train_new, train_sibling
 
 from conftest import run_cli
 
@@ -107,7 +108,7 @@ def test_recorded_data_is_read_once_at_the_recorded_size(image_folder, monkeypat
     """The data a bundle recorded, loaded without --data: a streamed folder is listed (and
     its headers checked) once, cut to the recorded training size as --subset would cut it;
     a recorded size beyond what the folder holds here keeps the whole split."""
-    import mgrow.stream as stream
+    import mgrow.data.stream as stream
     listed = []
     real = stream.list_folder
     monkeypatch.setattr(stream, "list_folder", lambda root: listed.append(root) or real(root))

@@ -14,7 +14,7 @@ from mgrow.flops import param_counts
 from mgrow.growth import fuse
 from mgrow.manifest import ArchSpec, Phase
 from mgrow.mixing import mixed_layers
-from mgrow.phases import DataSource
+from mgrow.data import DataSource
 
 from conftest import CIFAR, make_bundle, run_cli
 
@@ -33,9 +33,10 @@ def members(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source():
+    """64 real CIFAR-10 training images, loaded once (the data gradmax and firefly read)."""
     if not CIFAR.exists():
         pytest.skip(f"real CIFAR-10 not found at {CIFAR}")
-    return DataSource(f"npz:{CIFAR}", subset=64)
+    return DataSource(f"npz:{CIFAR}", subset=64).load()
 
 
 def _saved(grown, path: Path):
@@ -101,7 +102,7 @@ def test_function_preserving_methods_preserve_through_two_growths(members, cifar
                                                                   source, method):
     a, _, d = members
     options = {"noise": 0.0} if method == "net2net" else {
-        "source": source, "batch_size": 8, "steps": 1}
+        "data": source, "batch_size": 8, "steps": 1}
     half = _saved(fuse([a], method=method, **options), d / f"half-{method}.safetensors")
     full = fuse([half], method=method, **options)
     assert full.manifest.arch == ARCH.widened(4) and full.manifest.mixing is None
@@ -123,7 +124,7 @@ def test_function_preserving_methods_preserve_through_two_growths(members, cifar
 ])
 def test_every_method_grows_a_grown_net(members, source, cifar_batch, first, second):
     a, b, d = members
-    data = {"source": source, "batch_size": 8, "steps": 1}
+    data = {"data": source, "batch_size": 8, "steps": 1}
     sibling = first.pop("sibling", first["method"] == "mixture")
     first_members = [a, b] if sibling else [a]
     half = _saved(fuse(first_members, **first, **data),

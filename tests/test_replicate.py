@@ -20,7 +20,8 @@ def _replicate():
 
 
 def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
-    from mgrow.bundle import load, sha256_file
+    from mgrow.bundle import load
+    from mgrow.files import sha256_file
     rep = _replicate()
     out = tmp_path / "rep"
     rep.main(["--scale", "tiny", "--rows", "all", "--out", str(out), "--quiet",
@@ -180,7 +181,7 @@ def test_summary_shows_spread_only_over_seeds():
 def test_imagenet_recipe_end_to_end_on_a_photo_folder(image_folder, tmp_path):
     """`--scale imagenet-tiny`: the ImageNet recipe's code path (resnet50 at half width ->
     resnet50, streamed image folder, the paper's ImageNet rows) on real photographs."""
-    from mgrow.stream import IMAGENET_MEAN
+    from mgrow.data.transforms import IMAGENET_MEAN
     rep = _replicate()
     out = tmp_path / "imagenet"
     rep.main(["--scale", "imagenet-tiny", "--out", str(out), "--quiet",

@@ -27,8 +27,9 @@ from mgrow.bundle import load
 from mgrow.data import batch_plan, batches, load_data
 from mgrow.engine import Interrupted, TrainConfig, train
 from mgrow.manifest import ArchSpec, MixingSpec
-from mgrow.stream import (IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS, RATIO, SCALE, BadImage,
-                          crop_params, image_problem, sample_key)
+from mgrow.data.folders import MAX_PIXELS, BadImage, image_problem
+from mgrow.data.plan import generator as sample_key
+from mgrow.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, crop_params
 
 from conftest import CIFAR, run_cli
 
@@ -223,8 +224,8 @@ def test_scan_in_chunks_names_the_first_bad_file(folder, tmp_path, monkeypatch):
     """The header scan checks SCAN_CHUNK files at a time (bounded memory on ImageNet): with
     chunks of 7, bad files in two later chunks (listing order 61 and 69: dog is the sixth
     class of 12 images each), the first in listing order is named."""
-    import mgrow.stream
-    monkeypatch.setattr(mgrow.stream, "SCAN_CHUNK", 7)
+    import mgrow.data.folders
+    monkeypatch.setattr(mgrow.data.folders, "SCAN_CHUNK", 7)
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     files = sorted((bad / "train" / "dog").iterdir())
@@ -327,9 +328,9 @@ def test_ctrl_c_to_the_process_group_stops_saves_and_resumes(folder, tmp_path):
 
 
 def test_cli_choices_match_the_library():
-    from mgrow import cli
+    from mgrow.cli import options as cli
     from mgrow.data import MODES
-    from mgrow.stream import STATS
+    from mgrow.data.transforms import STATS
     assert [e.value for e in cli.DataModes] == list(MODES)
     assert [e.value for e in cli.StatsModes] == list(STATS)
 
@@ -350,7 +351,7 @@ CHILD = r"""
 import json, os, sys
 from pathlib import Path
 
-import mgrow.stream
+import mgrow.data.stream
 from mgrow.arch import build
 from mgrow.data import load_data
 from mgrow.engine import TrainConfig, train
@@ -358,7 +359,7 @@ from mgrow.manifest import ArchSpec, MixingSpec
 
 folder, log = sys.argv[1], Path(sys.argv[2])
 rank = int(os.environ["RANK"])
-decode = mgrow.stream.decode
+decode = mgrow.data.stream.decode
 
 
 def logged(path):  # runs in the DataLoader workers (forked): append a line per file decoded
@@ -367,7 +368,7 @@ def logged(path):  # runs in the DataLoader workers (forked): append a line per 
     return decode(path)
 
 
-mgrow.stream.decode = logged
+mgrow.data.stream.decode = logged
 data = load_data(f"imagefolder:{folder}", input_size=16, workers=1)
 model = build(ArchSpec(name="resnet18", width=0.125, input_size=16), MixingSpec(), seed=0)
 train(model, data, TrainConfig(epochs=1, batch_size=32, seed=6), progress="quiet")

@@ -3,6 +3,10 @@
 Names: `wrn-D-K` (WideResNet for small inputs), `resnet18`, `resnet34`, `resnet50`
 (torchvision layout and key names), `vgg11_bn` (torchvision layout). `ArchSpec.width`
 multiplies every channel count, so growing by g is `spec.widened(g)`.
+
+Owns `build` and `check_name`; the families (wrn, resnet, vgg) build through mgrow.mixing's
+Builder and scale channels by arch.scale. Imports mgrow.errors, limits, manifest, mixing and
+footprint (every network is sized on the meta device before it is built).
 """
 
 from __future__ import annotations
@@ -13,20 +17,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import MgrowError
-from ..limits import MAX_DEPTH, MAX_WIDTH, check_memory, estimate
+from ..errors import MgrowError
+from ..footprint import estimate
+from ..limits import MAX_DEPTH, MAX_WIDTH, check_memory
 from ..manifest import ArchSpec, MixingSpec
 from ..mixing import Builder
+from .resnet import resnet
+from .scale import channels
+from .vgg import vgg11_bn
+from .wrn import wrn
 
-
-def channels(base: int, width: float) -> int:
-    """Return a channel count scaled by `width` (at least 1)."""
-    return max(1, int(round(base * width)))
-
-
-from .resnet import resnet  # noqa: E402  (families use `channels` above)
-from .vgg import vgg11_bn  # noqa: E402
-from .wrn import wrn  # noqa: E402
+__all__ = ["NAMES", "build", "channels", "check_name"]
 
 _FIXED: dict[str, Callable[[ArchSpec, Builder], nn.Module]] = {
     "resnet18": lambda s, b: resnet(s, b, "basic", (2, 2, 2, 2)),
@@ -59,7 +60,7 @@ def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,
 
     meta=True: shapes only, on the meta device, no initialisation (free even for large
     nets); `.to_empty(device=...)` then gives uninitialised storage to load weights into.
-    Either way the network is first built on the meta device and sized (limits.estimate:
+    Either way the network is first built on the meta device and sized (footprint.estimate:
     parameters, generated weights, one forward pass at batch 1 and the manifest's input
     size), and refused in one line if it cannot take that input or would not fit memory.
     """

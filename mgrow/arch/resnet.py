@@ -1,6 +1,8 @@
 """ResNet-18/34/50 in torchvision's layout and key names, with a width multiplier.
 
 At width 1.0 a torchvision `resnet18/34/50` state_dict maps onto the plain network 1:1.
+
+Imports mgrow.manifest, mgrow.mixing (Builder) and arch.scale.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from torch import nn
 
 from ..manifest import ArchSpec
 from ..mixing import Builder
-from . import channels
+from .scale import channels
 
 
 class BasicBlock(nn.Module):

@@ -2,6 +2,8 @@
 
 At width 1.0 a torchvision `vgg11_bn` state_dict maps onto the plain network 1:1. The
 classifier keeps torchvision's 7x7 adaptive pooling, so it works for any input size.
+
+Imports mgrow.manifest, mgrow.mixing (Builder) and arch.scale.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from torch import nn
 
 from ..manifest import ArchSpec
 from ..mixing import Builder
-from . import channels
+from .scale import channels
 
 CFG_A = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 

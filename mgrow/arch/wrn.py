@@ -3,6 +3,8 @@
 norm="every": BN-ReLU before every conv (Zagoruyko & Komodakis). norm="block": BN-ReLU only
 before each block, as the paper uses after GradMax; the block's second conv then sees a
 plain ReLU.
+
+Imports mgrow.manifest, mgrow.mixing (Builder) and arch.scale.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from torch import nn
 
 from ..manifest import ArchSpec
 from ..mixing import Builder
-from . import channels
+from .scale import channels
 
 
 class Block(nn.Module):

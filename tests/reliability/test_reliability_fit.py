@@ -114,7 +114,7 @@ def test_estimate_matches_the_built_network():
     """The estimator's state bytes are those of the real network, and its activation count
     equals what a real forward pass produces."""
     from mgrow.arch import build
-    from mgrow.limits import estimate
+    from mgrow.footprint import estimate
     from mgrow.manifest import ArchSpec, MixingSpec
     arch, mixing = ArchSpec(name="wrn-16-1", num_classes=10), MixingSpec()
     real = build(arch, mixing)

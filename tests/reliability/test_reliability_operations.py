@@ -323,8 +323,8 @@ def test_disk_full(members, tmp_path, monkeypatch, capsys, command):
     """The write of the output (or, training, of the first checkpoint) fails with ENOSPC:
     one line, no output, no temporary file. Training keeps its metrics log (the record of
     the epoch it finished), which a fresh run truncates."""
-    import mgrow.bundle
-    monkeypatch.setattr(mgrow.bundle, "os", _OsWithFullDisk())  # bundle.py's `os` only
+    import mgrow.files
+    monkeypatch.setattr(mgrow.files, "os", _OsWithFullDisk())  # files.py's `os` only
     before = snapshot(tmp_path)
     status, out, err = _main(monkeypatch, capsys, *_args(WRITERS[command], members), "-o",
                              tmp_path / "out.safetensors")

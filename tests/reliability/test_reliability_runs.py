@@ -145,7 +145,7 @@ def test_second_writer_is_refused_at_once(tmp_path):
 def test_cleanup_spares_a_live_writers_temporary_file(tmp_path):
     """A temporary file whose writer holds the output's lock is never removed by another
     writer; once that writer is gone, the next write removes its leftover."""
-    from mgrow.bundle import writer_lock
+    from mgrow.files import writer_lock
     good = write_bundle(tmp_path / "good.safetensors")
     live = tmp_path / ".out.safetensors.l1ve0000.tmp"
     with writer_lock(tmp_path / "out.safetensors"):  # this process is the live writer

@@ -39,6 +39,9 @@ BN layers then see inputs whose statistics are their running ones, as on data; n
 read. Measured on real CIFAR-10 images (tests/test_bn_growth.py): mean |log(actual /
 running variance)| over a grown net's BN channels 4.5 raw, 1.1 corrected on white noise,
 0.2 corrected on the distilled proxy (recalibrating on data: 0.04).
+
+Owns `correct_norms`, `fit_norms`, `recalibrate`. Imports mgrow.data (batches) and
+growth.grid.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data import Data, batches
+from ..data import Data, batches
+from .grid import old_block
 
 PROXY_IMAGES = 64  # proxy inputs for the correction
 PROXY_STEPS = 30  # Adam steps that distil them from the members' BN statistics
@@ -169,8 +173,7 @@ def fit_norms(grown: nn.Module, members: list[nn.Module], x: torch.Tensor, befor
 
     Channel block j of the grown net is member j mod m's; `before` > 1: the one member is a
     grown net of `before` blocks owned in turn by `owners` members, and block j is its block
-    growth._old_block(j) (as the grown statistics themselves: growth._common)."""
-    from .growth import _old_block
+    growth.grid.old_block(j) (as the grown statistics themselves: growth.grid.common)."""
     m = len(members)
     ref = [proxy_moments(member, x) for member in members]
     stats = [{n: (layer.running_mean.double(), layer.running_var.double())
@@ -184,7 +187,7 @@ def fit_norms(grown: nn.Module, members: list[nn.Module], x: torch.Tensor, befor
             if before == 1:  # block b from member b mod m
                 return torch.cat([parts[b % m] for b in range(g)])
             old = parts[0].chunk(before)
-            return torch.cat([old[_old_block(b, before, owners)] for b in range(g * before)])
+            return torch.cat([old[old_block(b, before, owners)] for b in range(g * before)])
         m_c, v_c = (blocks([r[name][i] for r in ref]) for i in (0, 1))
         mu, var = (blocks([s[name][i] for s in stats]) for i in (0, 1))
         mean_u, var_u = _moments(u)

@@ -38,6 +38,9 @@ Cost: every step is one forward and backward pass of the wide net on `batch_size
 training images (Firefly: `steps` for each of its two candidate kinds); the ledger gets a
 growth-stage row `fuse` with 3 x forward FLOPs x those images, like any training phase
 (finding the pairs costs one forward pass of 2 blank images, not counted).
+
+Owns `grow` (gradmax, firefly) and their pieces. Imports mgrow.errors, arch, data (batches
+only: the data itself is handed in), flops, manifest, mixing and growth.grid.
 """
 
 from __future__ import annotations
@@ -53,12 +56,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import MgrowError
-from .arch import build
-from .data import batches
-from .flops import forward_flops
-from .manifest import Phase
-from .mixing import mixed_layers
+from ..arch import build
+from ..data import batches
+from ..errors import MgrowError
+from ..flops import forward_flops
+from ..manifest import Phase
+from ..mixing import mixed_layers
+from .grid import Job, Result
 
 CHANNELWISE = {"ReluBackward0", "NativeBatchNormBackward0", "CudnnBatchNormBackward0",
                "MiopenBatchNormBackward0"}
@@ -82,13 +86,13 @@ class Wide:
         return self.layer(name).weight.shape[0] - self.old[name][0]
 
 
-def grow(method: str, job, state: dict[str, torch.Tensor],
-         common: dict[str, torch.Tensor]):
-    """Return the growth Result of `method` (gradmax or firefly) for member state `state`."""
-    from .growth import Result
-    from .phases import DataSource, check_fits
-    data = (job.source or DataSource()).load(job.members[0].manifest.data)
-    check_fits(job.arch, data)
+def grow(method: str, job: Job, state: dict[str, torch.Tensor],
+         common: dict[str, torch.Tensor]) -> Result:
+    """Return the growth Result of `method` (gradmax or firefly) for member state `state`,
+    on the training batches of `job.data` (loaded and checked by the caller)."""
+    data = job.data() if callable(job.data) else job.data
+    if data is None:
+        raise MgrowError(f"--method {method} reads training data; none was given")
     if job.batch_size > len(data.train_y):
         raise MgrowError(f"--batch-size {job.batch_size} exceeds the {len(data.train_y)} "
                          "training images")

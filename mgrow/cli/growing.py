@@ -1,0 +1,181 @@
+"""Commands that make a bundle from others without training: `convert`, `fuse`, `export`.
+
+Imports cli.app, cli.options and (inside each command) mgrow.api and the library.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import limits as L
+from ..errors import MgrowError
+from .app import app
+from .options import (Bundle, Force, Init, Method, Norm, Output, SeedOpt, Sharing, SharingOpt,
+                      Spare, Templates, Tiling, Width, in_range, mixing_spec)
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Plain checkpoint: .pt/.pth state_dict (or a dict "
+                                        "holding one under 'state_dict' or 'model'), or a "
+                                        "plain .safetensors.", show_default=False)],
+    arch: Annotated[str, typer.Option("--arch", help="Registry name: wrn-D-K, resnet18, "
+                                      "resnet34, resnet50, vgg11_bn.", show_default=False)],
+    output: Output,
+    num_classes: Annotated[Optional[int], typer.Option(
+        "--num-classes", min=1, max=L.MAX_CLASSES,
+        help="Classes [default: the checkpoint classifier's rows].", show_default=False)] = None,
+    width: Width = 1.0,
+    in_channels: Annotated[Optional[int], typer.Option(
+        "--in-channels", min=1, max=L.MAX_CHANNELS,
+        help="Input channels [default: the checkpoint stem's].", show_default=False)] = None,
+    input_size: Annotated[Optional[int], typer.Option(
+        "--input-size", min=8, max=L.MAX_INPUT_SIZE, help="Input side in pixels, for FLOPs "
+        "[default: 224 for resnet and vgg, 32 for wrn].", show_default=False)] = None,
+    norm: Annotated[Norm, typer.Option("--norm", help="WRN only: BN before every conv, or "
+                                       "only before each block.")] = Norm.every,
+    templates: Templates = 2,
+    sharing: SharingOpt = Sharing.pairs,
+    edge_templates: Annotated[int, typer.Option("--edge-templates", min=1,
+                                                max=L.MAX_TEMPLATES,
+                                                help="Templates of stem and classifier.")] = 1,
+    freeze_edges: Annotated[bool, typer.Option(
+        "--freeze-edges/--train-edges", help="Freeze stem/classifier coefficients "
+        "(the paper's default).")] = True,
+    plain: Annotated[bool, typer.Option("--plain", help="Import as a plain (not "
+                                        "template-mixed) bundle.")] = False,
+    data: Annotated[Optional[str], typer.Option("--data", help="Record the data set it was "
+                                                "trained on (spec as for train).")] = None,
+    mean: Annotated[Optional[str], typer.Option(
+        "--mean", help="With --data: the per-channel mean the checkpoint's inputs were "
+        "normalised with, 0-1 scale, comma-separated or one for all (torchvision's ImageNet "
+        "models: 0.485,0.456,0.406) [default: --data's own: measured on its training split; "
+        "ImageNet's for a streamed image folder].",
+        show_default=False)] = None,
+    std: Annotated[Optional[str], typer.Option(
+        "--std", help="With --data: the per-channel std, as --mean (ImageNet: "
+        "0.229,0.224,0.225).", show_default=False)] = None,
+    spare: Annotated[Spare, typer.Option(
+        "--spare", help="What fills a bank's spare templates (the directions new tiles draw "
+        "on at growth): random (fresh random tensors) or permuted (the bank's trained "
+        "layers with shuffled channels).")] = Spare.random,
+    seed: SeedOpt = 0,
+    force: Force = False,
+):
+    """Recast a plain PyTorch checkpoint as a template-mixed bundle computing the same function."""
+    from ..convert import convert_checkpoint
+    path, manifest = convert_checkpoint(
+        src, arch_name=arch, num_classes=num_classes, width=width, in_channels=in_channels,
+        input_size=input_size, norm=norm.value, mixing=None if plain else mixing_spec(
+            templates, sharing, edge_templates, freeze_edges),
+        data=data, seed=seed, spare=spare.value, normalisation=_normalisation(mean, std),
+        output=output, force=force)
+    print(f"wrote {path} ({manifest.describe()})")
+
+
+def _normalisation(mean: str | None, std: str | None
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Return convert's --mean and --std as float tuples (None when neither is given)."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise MgrowError("--mean and --std go together: give both")
+
+    def floats(name: str, text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(x) for x in text.split(","))
+        except ValueError:
+            raise MgrowError(f"{name} takes comma-separated numbers, not {text!r}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise MgrowError(f"{name} takes finite numbers, not {text!r}")
+        return values
+    return floats("--mean", mean), floats("--std", std)
+
+
+@app.command()
+def export(bundle: Bundle, output: Output, force: Force = False):
+    """Write the plain network (weights generated, no templates) for deployment."""
+    from ..bundle import export_plain
+    path = export_plain(bundle, output, force)
+    print(f"wrote {path} (plain state_dict; load with safetensors.torch.load_file)")
+
+
+@app.command()
+def fuse(
+    a: Annotated[Path, typer.Argument(help="The trained network (member 0), or a grown "
+                                      "bundle to grow again (alone).", show_default=False)],
+    b: Annotated[Optional[Path], typer.Argument(
+        help="Its sibling (member 1). Omit to grow from A alone (MixtureGrowth w/o fusion).",
+        show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Bundle to write [default: A-grown.safetensors next to A, "
+        "numbered, never overwriting].", show_default=False)] = None,
+    factor: Annotated[int, typer.Option("--factor", min=2, max=L.MAX_FACTOR,
+                                        help="Growth factor g: every layer g "
+                                        "times wider. With m members and g > m, tile row/"
+                                        "column j draws on member j mod m.")] = 2,
+    tiling: Annotated[Tiling, typer.Option(
+        "--tiling", help="vertical: tiles of one output row share that row's member's "
+        "templates (paper's best); horizontal: tiles of one input column do.")] = Tiling.vertical,
+    init: Annotated[Init, typer.Option(
+        "--init", help="New coefficients: orthogonal (to each other and the existing ones, "
+        "at their norm), random (normal, same scale), copy (the member's own, +--noise), "
+        "zero (grown net = mean of the members).")] = Init.orthogonal,
+    method: Annotated[Method, typer.Option(
+        "--method", help="mixture (MixtureGrowth); baselines with plain outputs: random "
+        "(fresh plain weights for new tiles), net2net (function-preserving widening of A), "
+        "gradmax (zero fan-out, fan-in from gradient SVD; reads data), firefly (best of "
+        "split and new candidates after a few steps; reads data).")
+    ] = Method.mixture,
+    noise: Annotated[Optional[float], typer.Option(
+        "--noise", callback=in_range(0, L.MAX_NOISE),
+        help="Relative noise on new tiles: copy (default 0), net2net (default "
+        "0.01); firefly: perturbation of split copies' fan-in (default 0.1).")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", help="gradmax/firefly: the data their growth step reads (spec as for "
+        "train) [default: A's own].", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", min=1, max=L.MAX_BATCH,
+        help="gradmax/firefly: images per growth step.")] = 64,
+    growth_steps: Annotated[int, typer.Option(
+        "--growth-steps", min=1, max=1_000_000,
+        help="gradmax: batches of gradient statistics; firefly: "
+        "optimiser steps per candidate kind. Charged to the ledger as a growth phase.")] = 8,
+    subset: Annotated[Optional[int], typer.Option(
+        "--subset", min=1, max=L.MAX_IMAGES,
+        help="gradmax/firefly: draw batches from the first N training "
+        "images, class-balanced.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(
+        "--data-dir", help="Root of torchvision data sets [default: $MGROW_DATA, else "
+        "~/.cache/mgrow/data].", show_default=False)] = None,
+    bn_correct: Annotated[bool, typer.Option(
+        "--bn-correct/--no-bn-correct", help="Correct the carried BN running statistics for "
+        "what the new tiles add, without data (inputs distilled from the members' own BN "
+        "statistics; see docs/growing.md).")] = False,
+    seed: SeedOpt = 0,
+    force: Force = False,
+):
+    """Grow one or two trained bundles, or a grown one again, into a wider one.
+
+    mixture, random and net2net need no data; gradmax and firefly read a few batches.
+    """
+    from ..api import fuse_bundles
+    from ..data import DataSource
+    path, grown = fuse_bundles(a, b, output, factor=factor, tiling=tiling.value,
+                               init=init.value, method=method.value, seed=seed, noise=noise,
+                               source=DataSource(data, data_dir, False, subset),
+                               batch_size=batch_size, steps=growth_steps,
+                               bn_correct=bn_correct, force=force)
+    for note in grown.notes[:3]:
+        print(f"note: {note}", file=sys.stderr)
+    if len(grown.notes) > 3:
+        print(f"note: (+{len(grown.notes) - 3} more banks alike; all listed in the manifest's "
+              "growth.rank_notes)", file=sys.stderr)
+    print(f"wrote {path} ({grown.manifest.describe()}, method {method.value}"
+              + (f", init {init.value}, tiling {tiling.value})" if method == Method.mixture
+          else ")"))
