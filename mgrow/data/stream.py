@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import functools
 import signal
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ import torch
 
 from ..errors import MgrowError
 from ..manifest import DatasetSpec
-from .folders import DEFAULT_SIZE, BadImage, Split, cut, decode, default_workers, list_folder, scan
+from .folders import (DEFAULT_SIZE, PIL_MODULES, BadImage, Split, cut, decode, default_workers,
+                      list_folder, quiet, scan, shown)
 from .plan import batch_plan, generator
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, STATS, STATS_SAMPLE, channel_stats,
                          eval_view, normalise, train_view)
@@ -148,9 +150,11 @@ def _stack(items: list[tuple[torch.Tensor, int]], spec: DatasetSpec | None = Non
 def _worker_start(worker: int) -> None:
     """Make a loader worker ignore Ctrl-C and SIGTERM sent to the whole process group: the
     main process stops after the current step (it may still need a batch to finish it) and
-    then shuts the workers down itself; a worker whose parent dies exits on its own."""
+    then shuts the workers down itself; a worker whose parent dies exits on its own. PIL's
+    warnings are silenced for the worker's process (one of ours, decoding only)."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    warnings.filterwarnings("ignore", module=PIL_MODULES)
 
 
 def _own_message(e: Exception) -> str:
@@ -173,7 +177,8 @@ def measure_stats(root: Path, split: Split, size: int, workers: int
     loader = torch.utils.data.DataLoader(Images(root, sample, size, False), batch_size=64,
                                          num_workers=workers, generator=torch.Generator())
     try:
-        x = torch.cat([b for b, _ in loader])  # (n, 3, S, S) uint8
+        with quiet():  # PIL's warnings, here and in the workers forked meanwhile
+            x = torch.cat([b for b, _ in loader])  # (n, 3, S, S) uint8
     except BadImage as e:
         raise BadImage(_own_message(e)) from None
     return channel_stats(x)
@@ -194,7 +199,8 @@ def load_folder(spec: str, root: Path, subset: int | None, input_size: int | Non
     classes, train, test = list_folder(root)
     train = cut(train, subset, spec, at_most)
     if not len(test.files):
-        raise MgrowError(f"{spec}: the training and test splits must both hold images")
+        raise MgrowError(f"{shown(spec)}: the training and test splits must both hold "
+                         f"images")
     for split, where in ((train, "training split"), (test, "test split")):
         scan(root, split, max(4, 2 * workers), f"{spec}, {where}")
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if stats == "imagenet" else \

@@ -50,7 +50,7 @@ from ..errors import MgrowError
 from ..mixing import MixedConv2d
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Progress, TrainConfig, TrainResult, lr_at, param_groups, warmup_steps
-from .progress import Reporter, trim_metrics, write_metrics
+from .progress import Reporter, remove_metrics, trim_metrics, write_metrics
 from .ranks import agree, device_name, mean_over_ranks, process_group, resolve_device
 from .signals import Interrupted, stop_on_signals
 
@@ -128,8 +128,8 @@ def train(model: nn.Module, data: Data, cfg: TrainConfig, checkpoint: Path | Non
         else:
             torch.manual_seed(cfg.seed)
             saved = {"step": 0, "images": 0, "wall_s": 0.0, "train_loss": math.nan}
-            if metrics_path is not None and rank == 0:
-                write_metrics(metrics_path, None)
+            if metrics_path is not None and rank == 0:  # a previous run's: this one's
+                remove_metrics(metrics_path)  # are created with its first epoch's record
         step, images, train_loss = saved["step"], saved["images"], saved["train_loss"]
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None) if world > 1 else model

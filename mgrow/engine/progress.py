@@ -1,14 +1,17 @@
 """What a run shows and records each epoch: the progress bar or lines, and the metrics files.
 
-After every epoch one JSON line goes to the metrics file (truncated by a fresh run; a
-resumed one drops the lines of epochs after its checkpoint, then appends), and the same
-records as CSV beside it (`OUT.summary.csv`, one row per epoch, timm's convention).
+After every epoch one JSON line goes to the metrics file, and the same records as CSV
+beside it (`OUT.summary.csv`, one row per epoch, timm's convention). Both are created with
+the first epoch's record: a fresh run removes a previous run's (so one that fails before
+its first epoch ends leaves neither), a resumed one drops the lines of epochs after its
+checkpoint, then appends.
 Progress: "bar" (rich, on stderr; when stderr is not a terminal, one plain line per epoch
 instead: epoch, loss, accuracy, lr, images/s, ETA), "json" (each epoch's metrics record as
 a line on stdout), "quiet", or a callable given each epoch's record.
 
-Owns `Reporter`, `write_metrics`, `trim_metrics`, `summary_path`, `epoch_line`. Imports
-mgrow.errors, mgrow.limits (JSON), mgrow.bundle (atomic writes) and engine.config.
+Owns `Reporter`, `write_metrics`, `remove_metrics`, `trim_metrics`, `summary_path`,
+`epoch_line`. Imports mgrow.errors, mgrow.limits (JSON), mgrow.bundle (atomic writes) and
+engine.config.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def trim_metrics(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError, RecursionError):  # a torn or foreign line
             break
         keep.append(line)
+    if not keep:  # no epoch before the checkpoint's: as a fresh run, no files yet
+        remove_metrics(path)
+        return
     if len(keep) < len(lines):
         write_atomic(path, "".join(keep).encode(), force=True)
     try:
@@ -63,16 +69,25 @@ def summary_path(metrics_path: Path) -> Path:
                                   .removesuffix(".metrics") + ".summary.csv")
 
 
-def write_metrics(path: Path, record: dict | None) -> None:
-    """Append one JSON line to the metrics file (None empties it) and rewrite the CSV summary
+def write_metrics(path: Path, record: dict) -> None:
+    """Append one JSON line to the metrics file (creating it) and rewrite the CSV summary
     from it, so the summary always holds exactly the metrics file's epochs, resumes included."""
     try:
-        with open(path, "a" if record is not None else "w") as f:
-            if record is not None:
-                f.write(dump_json(record) + "\n")
+        with open(path, "a") as f:
+            f.write(dump_json(record) + "\n")
         _write_summary(path)
     except OSError as e:
         raise MgrowError(f"{path}: cannot write metrics ({e.strerror})") from None
+
+
+def remove_metrics(path: Path) -> None:
+    """Remove a metrics file and its CSV summary, if there (a previous run's, before a fresh
+    run writes its own with its first epoch's record)."""
+    for target in (Path(path), summary_path(path)):
+        try:
+            target.unlink(missing_ok=True)
+        except OSError as e:
+            raise MgrowError(f"{target}: cannot remove stale metrics ({e.strerror})") from None
 
 
 def _write_summary(metrics: Path) -> None:
