@@ -13,7 +13,8 @@ from .errors import MgrowError
 from .version import __version__
 
 _API = ("Bundle", "DataSource", "Outcome", "TrainConfig", "build_model", "cka", "count_flops",
-        "evaluate", "finetune", "fuse", "info", "load", "train", "train_sibling")
+        "evaluate", "finetune", "fuse", "info", "load", "train", "train_sibling",
+        "write_heatmap")
 __all__ = ["MgrowError", "__version__", *_API]
 
 

@@ -14,49 +14,172 @@ Training functions take the engine's knobs (`lr`, `batch_size`, `seed`, `device`
 ... : the fields of `TrainConfig`) as keyword arguments and return an `Outcome` (`.path`,
 `.manifest`, `.result.accuracy`, ...). Progress is a bar on a terminal, one line per epoch
 elsewhere (a notebook, a log); `progress="quiet"` silences it. Every problem with the
-input raises `MgrowError` with a one-line message.
+input raises `MgrowError` with a one-line message; every public function checks its
+arguments first, before it reads or writes anything (`checked`: pydantic's validate_call,
+strict, within the command line's bounds of mgrow.limits), naming the function and the
+argument: "fuse: factor: Input should be a valid integer (got '2')".
+
+Imports any library layer (bundle, data, engine, growth, phases, similarity ...), never cli.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import ConfigDict, Field, PlainValidator, ValidationError, validate_call
 from torch import nn
 
-from .bundle import Bundle, load
+from . import limits as L
+from .bundle import Bundle
+from .bundle import load as load_bundle
 from .data import DataSource
 from .engine import Progress, TrainConfig
 from .errors import MgrowError
 from .files import check_writable, sha256_file, write_atomic
-from .flops import REFERENCE_EPOCHS, ledger, param_counts
+from .flops import ledger, param_counts
+from .growth import INITS, METHODS
 from .manifest import Lineage
 from .phases import Outcome, grown_output
+from .similarity import CkaResult
 
 PathLike = str | os.PathLike
 __all__ = ["Bundle", "DataSource", "MgrowError", "Outcome", "TrainConfig", "build_model",
            "cka", "count_flops", "evaluate", "finetune", "fuse", "info", "load", "train",
-           "train_sibling"]
+           "train_sibling", "write_heatmap"]
 
 
-def _config(config: TrainConfig | None, epochs: float | None, knobs: dict[str, Any],
-            default_epochs: float = 1.0) -> TrainConfig:
+# -- the argument check every public function makes first ----------------------------------
+
+def checked(fn: Callable) -> Callable:
+    """Return `fn` checking its arguments against its annotations before it runs (pydantic's
+    `validate_call`, strict: no str -> number, no float -> int, a bool is not a number),
+    so that a wrong one raises a one-line MgrowError naming the function and the argument."""
+    @validate_call(config=ConfigDict(strict=True, arbitrary_types_allowed=True))
+    @functools.wraps(fn)
+    def check(*args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        return args, kwargs  # the arguments, checked: only then is `fn` called
+    positional = [p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            args, kwargs = check(*args, **kwargs)
+        except ValidationError as e:
+            raise MgrowError(_refusal(fn.__name__, e, positional)) from None
+        return fn(*args, **kwargs)
+    return call
+
+
+def _refusal(function: str, e: ValidationError, positional: list[str]) -> str:
+    """Return the one-line refusal of pydantic's first error: function, argument, why."""
+    err = e.errors(include_url=False)[0]
+    arg = err["loc"][0] if err["loc"] else "arguments"
+    if isinstance(arg, int):  # a positional argument, by index
+        arg = positional[arg] if arg < len(positional) else f"argument {arg + 1}"
+    got = "" if err["type"] == "missing_argument" else f" (got {_shown(err['input'])})"
+    return f"{function}: {arg}: {err['msg'].removeprefix('Value error, ')}{got}"
+
+
+def _shown(value: Any) -> str:  # repr(value) on one line, at most 60 characters
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_path(value: Any) -> bool:
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    return isinstance(text, str) and text != "" and "\0" not in text
+
+
+def _accept(what: str, *kinds: type, path: bool = False, none: bool = False
+            ) -> PlainValidator:
+    """Return a validator passing on, unchanged, instances of `kinds`, a non-empty path
+    (str or os.PathLike) when `path`, None when `none`."""
+    def check(value: Any) -> Any:
+        if isinstance(value, kinds) or (path and _is_path(value)) or (none and value is None):
+            return value
+        raise ValueError(f"expected {what}" + " or None" * none)
+    return PlainValidator(check)
+
+
+def _progress(value: Any) -> Any:
+    if value in ("bar", "quiet", "json") if isinstance(value, str) else callable(value):
+        return value
+    raise ValueError("expected 'bar', 'quiet', 'json' or a callable given each epoch's record")
+
+
+_P = "a non-empty path (str or os.PathLike)"
+BundleIn = Annotated[PathLike | Outcome, _accept(f"{_P} or an Outcome", Outcome, path=True)]
+MaybeBundleIn = Annotated[PathLike | Outcome | None, _accept(f"{_P}, an Outcome", Outcome,
+                                                             path=True, none=True)]
+ModelIn = Annotated[PathLike | Outcome | Bundle, _accept(f"{_P}, an Outcome or a Bundle",
+                                                         Outcome, Bundle, path=True)]
+PathOut = Annotated[PathLike, _accept(_P, path=True)]
+MaybePathOut = Annotated[PathLike | None, _accept(_P, path=True, none=True)]
+DataIn = Annotated[str | DataSource, _accept("a data spec (str) or a DataSource", str, DataSource)]
+MaybeDataIn = Annotated[str | DataSource | None, _accept("a data spec (str), a DataSource", str,
+                                                         DataSource, none=True)]
+ConfigIn = Annotated[TrainConfig | None, _accept("a TrainConfig", TrainConfig, none=True)]
+CkaIn = Annotated[CkaResult, _accept("a CkaResult (what cka returns)", CkaResult)]
+ProgressIn = Annotated[Progress, PlainValidator(_progress)]
+# numbers within the command line's bounds (typer's min/max and cli.options.in_range)
+Epochs = Annotated[float, Field(gt=0, le=L.MAX_EPOCHS, allow_inf_nan=False)]
+Width = Annotated[float, Field(gt=0, le=L.MAX_WIDTH, allow_inf_nan=False)]
+Templates = Annotated[int, Field(ge=1, le=L.MAX_TEMPLATES)]
+Subset = Annotated[int, Field(ge=1, le=L.MAX_IMAGES)]
+Seed = Annotated[int, Field(ge=0, le=L.MAX_SEED)]
+Factor = Annotated[int, Field(ge=2, le=L.MAX_FACTOR)]
+Noise = Annotated[float, Field(ge=0, le=L.MAX_NOISE, allow_inf_nan=False)]
+Batch = Annotated[int, Field(ge=1, le=L.MAX_BATCH)]
+Steps = Annotated[int, Field(ge=1, le=1_000_000)]  # fuse --growth-steps
+Budget = Annotated[float, Field(gt=0, le=L.MAX_BUDGET, allow_inf_nan=False)]
+RefEpochs = Annotated[float, Field(gt=0, le=L.MAX_REFERENCE_EPOCHS, allow_inf_nan=False)]
+Batches = Annotated[int, Field(ge=0, le=1_000_000)]  # finetune --bn-recalibrate
+InputSize = Annotated[int, Field(ge=8, le=L.MAX_INPUT_SIZE)]
+CkaImages = Annotated[int, Field(ge=2, le=L.MAX_IMAGES)]
+Norm = Literal["every", "block"]
+Sharing = Literal["pairs", "none"]
+Tiling = Literal["vertical", "horizontal"]
+Init = Literal[tuple(INITS)]  # type: ignore[valid-type]  # the growth layer's own tables
+Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+# the command line's upper bounds of the knobs, which TrainConfig leaves open
+_KNOB_MAX = {"epochs": L.MAX_EPOCHS, "lr": L.MAX_LR, "batch_size": L.MAX_BATCH, "seed": L.MAX_SEED,
+             "weight_decay": L.MAX_WEIGHT_DECAY, "warmup_epochs": L.MAX_EPOCHS}
+
+
+class _BothGiven(MgrowError, TypeError):
+    """config and keyword knobs given together (a TypeError too, as Python's own)."""
+
+
+def _config(function: str, config: TrainConfig | None, epochs: float | None,
+            knobs: dict[str, Any], default_epochs: float = 1.0) -> TrainConfig:
     """Return `config`, or one made of `epochs` and the keyword knobs (not both: a knob
-    given beside a config would be silently ignored)."""
+    given beside a config would be silently ignored), checked as strictly as the arguments
+    and within the command line's bounds; a bad knob is a one-line MgrowError naming it."""
     if config is not None:
         given = sorted(knobs) + ["epochs"] * (epochs is not None)
         if given:
-            raise TypeError(f"give config or keyword knobs, not both: {given}")
-        return config
-    from pydantic import ValidationError
-    try:
-        return TrainConfig(epochs=epochs if epochs is not None else default_epochs, **knobs)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(map(str, err["loc"])) or "config"
-        raise MgrowError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
+            raise _BothGiven(f"{function}: give config or keyword knobs, not both: {given}")
+    else:
+        try:
+            config = TrainConfig.model_validate({"epochs": default_epochs if epochs is None
+                                                 else epochs, **knobs}, strict=True)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            where = ".".join(map(str, err["loc"])) or "config"
+            raise MgrowError(f"{function}: {where}: {err['msg']} (got "
+                             f"{_shown(err.get('input'))})") from None
+    for knob, top in _KNOB_MAX.items():
+        if getattr(config, knob) > top:
+            raise MgrowError(f"{function}: {knob}: Input should be less than or equal to "
+                             f"{top:g} (got {getattr(config, knob)!r})")
+    return config
 
 
 def _source(data: str | DataSource | None, subset: int | None = None) -> DataSource:
@@ -67,107 +190,131 @@ def _path(bundle: PathLike | Outcome) -> Path:
     return bundle.path if isinstance(bundle, Outcome) else Path(bundle)
 
 
-def build_model(bundle: PathLike | Outcome | Bundle) -> nn.Module:
+@checked
+def load(path: BundleIn) -> Bundle:
+    """Return the bundle at `path` (or an outcome's), fully validated: manifest and tensors."""
+    return load_bundle(_path(path))
+
+
+@checked
+def build_model(bundle: ModelIn) -> nn.Module:
     """Return the network a bundle describes (template-mixed or plain), weights loaded, on CPU."""
     return (bundle if isinstance(bundle, Bundle) else load(_path(bundle))).model()
 
 
-def train(arch: str, output: PathLike, *, data: str | DataSource = "digits",
-          epochs: float | None = None, width: float = 1.0, mixed: bool = True,
-          norm: str = "every", templates: int = 2, sharing: str = "pairs",
-          subset: int | None = None,
-          config: TrainConfig | None = None, progress: Progress = "bar",
+@checked
+def train(arch: str, output: PathOut, *, data: DataIn = "digits",
+          epochs: Epochs | None = None, width: Width = 1.0, mixed: bool = True,
+          norm: Norm = "every", templates: Templates = 2, sharing: Sharing = "pairs",
+          subset: Subset | None = None, config: ConfigIn = None, progress: ProgressIn = "bar",
           resume: bool = False, force: bool = False, **knobs: Any) -> Outcome:
     """Train a network from scratch (`mgrow train`; epochs default 10); return the outcome."""
     from .manifest import MixingSpec
     from .phases import train_new
+    cfg = _config("train", config, epochs, knobs, 10)
     mixing = MixingSpec(templates=templates, sharing=sharing) if mixed else None
-    return train_new(arch, _source(data, subset), _config(config, epochs, knobs, 10),
-                     Path(output), mixing=mixing, width=width, norm=norm, resume=resume,
-                     progress=progress, force=force)
+    return train_new(arch, _source(data, subset), cfg, Path(output), mixing=mixing,
+                     width=width, norm=norm, resume=resume, progress=progress, force=force)
 
 
-def train_sibling(small: PathLike | Outcome, output: PathLike | None = None, *,
-                  epochs: float | None = None, data: str | DataSource | None = None,
-                  seed: int | None = None, config: TrainConfig | None = None,
-                  progress: Progress = "bar", resume: bool = False, force: bool = False,
+@checked
+def train_sibling(small: BundleIn, output: MaybePathOut = None, *,
+                  epochs: Epochs | None = None, data: MaybeDataIn = None,
+                  seed: Seed | None = None, config: ConfigIn = None,
+                  progress: ProgressIn = "bar", resume: bool = False, force: bool = False,
                   **knobs: Any) -> Outcome:
-    """Train SMALL's sibling (`mgrow train-sibling`); default output SMALL-sibling, numbered."""
+    """Train SMALL's sibling (`mgrow train-sibling`); default output SMALL-sibling, numbered,
+    and seed SMALL's + 1 (fresh, independent templates)."""
     from .phases import small_seed
     from .phases import train_sibling as run
     small = _path(small)
     if config is None and epochs is None:
-        raise MgrowError("missing epochs: how long to train the sibling")
+        raise MgrowError("train_sibling: missing epochs: how long to train the sibling")
     if seed is not None:
         knobs["seed"] = seed
-    elif config is None:  # a different seed from SMALL's: fresh, independent templates
-        knobs["seed"] = small_seed(small) + 1
-    return run(small, _source(data), _config(config, epochs, knobs),
-               None if output is None else Path(output), resume=resume, progress=progress,
-               force=force)
+    cfg = _config("train_sibling", config, epochs, knobs)
+    if config is None and seed is None:  # a different seed from SMALL's
+        cfg = cfg.model_copy(update={"seed": small_seed(small) + 1})
+    return run(small, _source(data), cfg, None if output is None else Path(output),
+               resume=resume, progress=progress, force=force)
 
 
-def fuse(a: PathLike | Outcome, b: PathLike | Outcome | None = None,
-         output: PathLike | None = None, *, data: str | DataSource | None = None,
-         force: bool = False, **options: Any) -> Path:
+@checked
+def fuse(a: BundleIn, b: MaybeBundleIn = None, output: MaybePathOut = None, *,
+         data: MaybeDataIn = None, factor: Factor = 2, tiling: Tiling = "vertical",
+         init: Init = "orthogonal", method: Method = "mixture", seed: Seed = 0,
+         noise: Noise | None = None, batch_size: Batch = 64, steps: Steps = 8,
+         bn_correct: bool = False, force: bool = False) -> Path:
     """Grow A (and its sibling B), or a grown A again, into a wider bundle (`mgrow fuse`);
     return its path.
 
-    `options` are fuse's: factor, tiling, init, method (mixture, random, net2net, gradmax,
-    firefly), seed, noise, and for the methods that read data batch_size and steps; `data`
-    is their data set (default: A's). The default output is A-grown.safetensors next to A,
-    numbered so as never to overwrite.
+    The options are `mgrow fuse`'s, with its defaults: `factor` g, `tiling`, `init` (of the
+    new coefficients), `method` (mixture, random, net2net, gradmax, firefly), `seed`,
+    `noise` (None: the method's own, growth.DEFAULT_NOISE), `bn_correct`; gradmax and
+    firefly read `steps` batches of `batch_size` images of `data` (default: A's). The
+    default output is A-grown.safetensors next to A, numbered so as never to overwrite.
     """
-    if data is not None:
-        options["source"] = _source(data)
-    return fuse_bundles(a, b, output, force=force, **options)[0]
+    source = {} if data is None else {"source": _source(data)}
+    return fuse_bundles(a, b, output, force=force, factor=factor, tiling=tiling, init=init,
+                        method=method, seed=seed, noise=noise, batch_size=batch_size,
+                        steps=steps, bn_correct=bn_correct, **source)[0]
 
 
 def fuse_bundles(a: PathLike | Outcome, b: PathLike | Outcome | None = None,
                  output: PathLike | None = None, *, force: bool = False, **options: Any):
-    """Return (path, growth result with notes) of `fuse`; what the CLI calls."""
+    """Return (path, growth result with notes) of `fuse`; what the CLI calls. Without
+    `output`: A-grown.safetensors next to A, numbered, chosen under its writer lock."""
     from .phases import fuse_files
-    a = _path(a)
-    output = grown_output(a) if output is None else Path(output)
-    return fuse_files(a, None if b is None else _path(b), output, force=force, **options)
+    a, b = _path(a), None if b is None else _path(b)
+    if output is not None:
+        return fuse_files(a, b, Path(output), force=force, **options)
+    with grown_output(a) as claimed:  # held until written: a concurrent fuse takes the next
+        return fuse_files(a, b, claimed, force=force, **options)
 
 
-def finetune(bundle: PathLike | Outcome, output: PathLike, *, epochs: float | None = None,
-             budget: float | None = None, reference_epochs: float = REFERENCE_EPOCHS,
-             data: str | DataSource | None = None, config: TrainConfig | None = None,
-             bn_recalibrate: int = 0, progress: Progress = "bar", resume: bool = False,
+@checked
+def finetune(bundle: BundleIn, output: PathOut, *, epochs: Epochs | None = None,
+             budget: Budget | None = None, reference_epochs: RefEpochs | None = None,
+             data: MaybeDataIn = None, config: ConfigIn = None,
+             bn_recalibrate: Batches = 0, progress: ProgressIn = "bar", resume: bool = False,
              force: bool = False, **knobs: Any) -> Outcome:
     """Continue training a bundle (`mgrow finetune`) for `epochs` or up to a FLOPs `budget`
     (first re-estimating BN statistics on `bn_recalibrate` batches when > 0)."""
     from .phases import finetune as run
     if config is None and (epochs is None) == (budget is None):
-        raise MgrowError("give exactly one of epochs and budget")
-    return run(_path(bundle), _source(data), _config(config, epochs, knobs), Path(output),
-               budget=budget, reference_epochs=reference_epochs,
-               bn_recalibrate=bn_recalibrate, resume=resume, progress=progress, force=force)
+        raise MgrowError("finetune: give exactly one of epochs and budget")
+    cfg = _config("finetune", config, epochs, knobs)
+    return run(_path(bundle), _source(data), cfg, Path(output), budget=budget,
+               reference_epochs=reference_epochs, bn_recalibrate=bn_recalibrate,
+               resume=resume, progress=progress, force=force)
 
 
-def evaluate(bundle: PathLike | Outcome, data: str | DataSource | None = None,
-             device: str = "auto", batch_size: int = 512) -> dict:
+@checked
+def evaluate(bundle: BundleIn, data: MaybeDataIn = None, device: str = "auto",
+             batch_size: Batch = 512) -> dict:
     """Return top-1 and loss of a bundle on its test split (`mgrow eval`)."""
     from .phases import evaluate_bundle
     return evaluate_bundle(_path(bundle), _source(data), device, batch_size)
 
 
-def count_flops(bundle: PathLike | Outcome, reference_epochs: float = REFERENCE_EPOCHS,
-                input_size: int | None = None) -> dict:
+@checked
+def count_flops(bundle: BundleIn, reference_epochs: RefEpochs | None = None,
+                input_size: InputSize | None = None) -> dict:
     """Return `mgrow flops`'s report: forward FLOPs per layer, parameters, the ledger."""
     from .flops import report
     return report(_path(bundle), input_size, reference_epochs)
 
 
-def info(bundle: PathLike | Outcome, reference_epochs: float = REFERENCE_EPOCHS) -> dict:
+@checked
+def info(bundle: BundleIn, reference_epochs: RefEpochs | None = None) -> dict:
     """Return what `mgrow info` shows: manifest, lineage tree, ledger, parameter counts.
 
     `lineage` is the bundle's own lineage (operation, options, parents) with `history`,
     the earlier operations recorded in the manifest (oldest first); each parent found on
     disk with the recorded sha256 (at its recorded path, or beside this bundle) carries its
-    own lineage, recursively; otherwise its `status` says `missing` or `changed`.
+    own lineage, recursively, once: met again, it has `seen_above` true instead. Otherwise
+    its `status` says `missing`, `changed` or `unreadable` (with the one-line `reason`:
+    not a bundle, such as the .pth a converted bundle came from, or truncated).
     """
     path = _path(bundle)
     b = load(path)
@@ -178,7 +325,7 @@ def info(bundle: PathLike | Outcome, reference_epochs: float = REFERENCE_EPOCHS)
         "arch": man.arch.model_dump(), "mixing": None if man.mixing is None
         else man.mixing.model_dump(), "data": None if man.data is None else man.data.model_dump(),
         "growth": None if man.growth is None else man.growth.model_dump(),
-        "lineage": _lineage(man.lineage, path.parent, depth=0),
+        "lineage": _Walk().lineage(man.lineage, path.parent, depth=0),
         "params": param_counts(b.tensors, man.arch, man.mixing),
         "ledger": ledger(man, reference_epochs),
     }
@@ -187,48 +334,90 @@ def info(bundle: PathLike | Outcome, reference_epochs: float = REFERENCE_EPOCHS)
 MAX_DEPTH = 32  # lineage levels followed on disk
 
 
-def _lineage(lin: Lineage, folder: Path, depth: int) -> dict:
-    """Return a lineage as a dict whose parents carry their own lineage when found on disk."""
-    return {"operation": lin.operation, "options": lin.options,
-            "parents": [_parent(p.path, p.sha256, folder, depth) for p in lin.parents],
-            "history": [{k: v for k, v in h.items() if k != "history"} for h in lin.history]}
+class _Walk:
+    """One `info` call's walk down a lineage: each file hashed and each (file, sha256) loaded
+    once, however often parents name it; a parent that cannot be read is marked, not fatal."""
+
+    def __init__(self) -> None:
+        self.hashes: dict[str, str | MgrowError] = {}  # real path -> sha256 or why not
+        self.seen: dict[tuple[str, str], dict] = {}  # (real path, sha256) -> first entry
+
+    def lineage(self, lin: Lineage, folder: Path, depth: int) -> dict:
+        """Return a lineage as a dict whose parents carry their own lineage when found."""
+        return {"operation": lin.operation, "options": lin.options,
+                "parents": [self.parent(p.path, p.sha256, folder, depth) for p in lin.parents],
+                "history": [{k: v for k, v in h.items() if k != "history"}
+                            for h in lin.history]}
+
+    def sha256(self, p: Path) -> str | MgrowError:
+        """Return the file's sha256, or the error reading it gave (each file read once)."""
+        if (key := os.path.realpath(p)) not in self.hashes:
+            try:
+                self.hashes[key] = sha256_file(p)
+            except MgrowError as e:
+                self.hashes[key] = e
+        return self.hashes[key]
+
+    def parent(self, recorded: str, sha256: str, folder: Path, depth: int) -> dict:
+        """Return a parent: its recorded path and hash, where it was found and its lineage."""
+        entry: dict[str, Any] = {"path": recorded, "sha256": sha256}
+        found = [p for p in (Path(recorded), folder / Path(recorded).name) if _is_file(p)]
+        match, failed = None, None
+        for p in found:  # hashed in turn: the first that matches is the parent
+            if (h := self.sha256(p)) == sha256:
+                match = p
+                break
+            failed = failed or (h if isinstance(h, MgrowError) else None)
+        if match is None and failed is not None:
+            return entry | {"status": "unreadable", "reason": _line(failed)}
+        if match is None:
+            return entry | {"status": "changed" if found else "missing"}
+        entry |= {"status": "found", "found_at": str(match)}
+        key = (os.path.realpath(match), sha256)
+        if key in self.seen:  # shown in full above: a reference, not a second walk
+            first = self.seen[key]
+            return entry | {k: first[k] for k in ("status", "reason", "description")
+                            if k in first} | {"seen_above": True}
+        if depth + 1 >= MAX_DEPTH:
+            return entry
+        self.seen[key] = entry
+        try:
+            parent = load(match)
+        except (MgrowError, OSError) as e:  # not a bundle (a .pth), truncated, unreadable
+            entry.update(status="unreadable", reason=_line(e))
+            return entry
+        entry["description"] = parent.manifest.describe()
+        entry["lineage"] = self.lineage(parent.manifest.lineage, match.parent, depth + 1)
+        return entry
 
 
-def _parent(recorded: str, sha256: str, folder: Path, depth: int) -> dict:
-    """Return a parent: its recorded path and hash, where it was found and its lineage."""
-    entry: dict[str, Any] = {"path": recorded, "sha256": sha256}
-    candidates = [Path(recorded), folder / Path(recorded).name]
-
-    def is_file(p: Path) -> bool:  # a recorded path this system cannot even look up
-        try:  # (too long, say) is as missing as one that is not there
-            return p.is_file()
-        except OSError:
-            return False
-    found = [p for p in candidates if is_file(p)]
-    match = next((p for p in found if sha256_file(p) == sha256), None)
-    if match is None:
-        return entry | {"status": "changed" if found else "missing"}
-    if depth + 1 >= MAX_DEPTH:
-        return entry | {"status": "found", "found_at": str(match)}
-    parent = load(match)
-    return entry | {"status": "found", "found_at": str(match),
-                    "description": parent.manifest.describe(),
-                    "lineage": _lineage(parent.manifest.lineage, match.parent, depth + 1)}
+def _is_file(p: Path) -> bool:  # a path this system cannot look up (too long, say) is
+    try:  # as missing as one that is not there
+        return p.is_file()
+    except OSError:
+        return False
 
 
-def cka(a: PathLike | Outcome, b: PathLike | Outcome, data: str | DataSource | None = None,
-        images: int | None = None, device: str = "cpu"):
+def _line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__  # a message on one line
+
+
+@checked
+def cka(a: BundleIn, b: BundleIn, data: MaybeDataIn = None, images: CkaImages | None = None,
+        device: str = "cpu") -> CkaResult:
     """Return linear CKA between every feature layer of A and of B (`mgrow cka`).
 
     Both run on the first `images` test images of `data` (default: A's data set; default
     count: 512, or the whole test split if it is smaller), each normalised as it records.
     The result's `.matrix[i][j]` compares A's layer `.layers_a[i]` with B's
-    `.layers_b[j]`; `.matched()` gives the layers present in both under one name.
+    `.layers_b[j]`; `.matched()` gives the layers present in both under one name. Images
+    whose n x n Gram matrices would not fit the memory are refused before any forward pass.
     """
+    from .arch import build
     from .data import with_normalisation
     from .engine import resolve_device
     from .phases import check_fits
-    from .similarity import cka_models
+    from .similarity import check_cka_fits, cka_models
     from .similarity import images as first_images
     ba, bb = load(_path(a)), load(_path(b))
     data_ = _source(data).load(ba.manifest.data)
@@ -236,12 +425,15 @@ def cka(a: PathLike | Outcome, b: PathLike | Outcome, data: str | DataSource | N
         check_fits(x.manifest.arch, data_)
     dev = resolve_device(device)
     n = min(512, len(data_.test_y)) if images is None else images
+    check_cka_fits(*(build(x.manifest.arch, x.manifest.mixing, meta=True) for x in (ba, bb)),
+                   data_, n, dev)
     data_b = data_ if bb.manifest.data is None else with_normalisation(data_, bb.manifest.data)
     x, xb = first_images(data_, n).to(dev), first_images(data_b, n).to(dev)
     return cka_models(ba.model().to(dev), bb.model().to(dev), x, xb)
 
 
-def write_heatmap(result, path: PathLike, a_label: str, b_label: str,
+@checked
+def write_heatmap(result: CkaIn, path: PathOut, a_label: str, b_label: str,
                   force: bool = False) -> Path:
     """Write a CKA result as a PNG heat map (rows A, columns B) atomically; needs the `plot`
     extra."""

@@ -22,9 +22,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from .errors import MgrowError
-from .files import check_writable, read_bytes, write_atomic, writer_lock
+from .files import check_writable, read_bytes, read_chunks, write_atomic, writer_lock
 from .limits import MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, load_json
-from .manifest import FORMAT_VERSION, Manifest, Parent
+from .manifest import READABLE_VERSIONS, Manifest, Parent
 
 META_KEY = "mgrow"
 
@@ -51,11 +51,16 @@ class Bundle:
 
 def check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], where: object) -> None:
     """Raise MgrowError unless `tensors` has exactly the model's keys and shapes."""
+    check_shapes(model, {k: tuple(v.shape) for k, v in tensors.items()}, where)
+
+
+def check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: object) -> None:
+    """Raise MgrowError unless `shapes` (name -> shape) are exactly the model's."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(want) - set(tensors))
-    extra = sorted(set(tensors) - set(want))
-    wrong = [f"{k} is {tuple(tensors[k].shape)} not {want[k]}" for k in want
-             if k in tensors and tuple(tensors[k].shape) != want[k]]
+    missing = sorted(set(want) - set(shapes))
+    extra = sorted(set(shapes) - set(want))
+    wrong = [f"{k} is {shapes[k]} not {want[k]}" for k in want
+             if k in shapes and shapes[k] != want[k]]
     problems = ([f"missing {_few(missing)}"] if missing else []) + \
         ([f"unexpected {_few(extra)}"] if extra else []) + wrong[:3]
     if problems:
@@ -180,9 +185,10 @@ def parse_manifest(text: str, where: object) -> Manifest:
     if not isinstance(raw, dict):
         raise MgrowError(f"{where}: invalid manifest: not a JSON object")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise MgrowError(f"{where}: manifest format version {version!r}; this mgrow reads "
-                         f"version {FORMAT_VERSION} (upgrade mgrow or re-export the bundle)")
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))} (upgrade mgrow or "
+                         "re-export the bundle)")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
@@ -192,9 +198,47 @@ def parse_manifest(text: str, where: object) -> Manifest:
 
 
 def load(path: str | os.PathLike) -> Bundle:
-    """Return the bundle at `path`, fully validated (manifest and tensors)."""
+    """Return the bundle at `path`, fully validated (manifest and tensors).
+
+    The header is read and checked first: a manifest that does not parse, or tensors
+    whose declared shapes are not the architecture's, are refused before the tensor data
+    (which may be huge) is read.
+    """
+    head = _read_header(path)
+    skeleton_ = skeleton(_manifest(head, path), path)
+    check_shapes(skeleton_, {k: tuple(v.get("shape", ())) for k, v in head.items()
+                             if k != "__metadata__" and isinstance(v, dict)}, path)
     data = read_bytes(path)
-    meta = header(data, path).get("__metadata__") or {}
+    manifest = _manifest(header(data, path), path)
+    tensors = conform(load_tensors(data, path), path)
+    bundle = Bundle(manifest, tensors, Path(path), hashlib.sha256(data).hexdigest())
+    check_tensors(skeleton_, tensors, path)
+    return bundle
+
+
+def _read_header(path: str | os.PathLike) -> dict:
+    """Return the JSON header of the safetensors file at `path`, reading only the header."""
+    chunks = read_chunks(path, 8)  # one-line errors: missing, a folder, unreadable
+    first = next(chunks, b"")
+    chunks.close()
+    size = os.stat(path).st_size
+    if len(first) < 8:
+        return header(first, path)  # raises: too short
+    (n,) = struct.unpack("<Q", first)
+    if n > size - 8:
+        raise MgrowError(f"{path}: not a safetensors file, or truncated (header of {n} "
+                         f"bytes, file of {size})")
+    if n > MAX_HEADER_BYTES:
+        raise MgrowError(f"{path}: not a safetensors file (header of {n:,} bytes exceeds "
+                         f"the limit of {MAX_HEADER_BYTES:,})")
+    with open(path, "rb") as f:
+        f.seek(8)
+        return header(first + f.read(n), path)
+
+
+def _manifest(head: dict, path: str | os.PathLike) -> Manifest:
+    """Return the manifest in a safetensors header, validated, or raise MgrowError."""
+    meta = head.get("__metadata__") or {}
     if not isinstance(meta, dict):
         raise MgrowError(f"{path}: corrupt safetensors header (__metadata__ is not a JSON object)")
     if META_KEY not in meta:
@@ -202,11 +246,7 @@ def load(path: str | os.PathLike) -> Bundle:
                          f"checkpoint? use `mgrow convert` first)")
     if not isinstance(meta[META_KEY], str):
         raise MgrowError(f"{path}: invalid manifest: not a JSON text in the header")
-    manifest = parse_manifest(meta[META_KEY], path)
-    tensors = conform(load_tensors(data, path), path)
-    bundle = Bundle(manifest, tensors, Path(path), hashlib.sha256(data).hexdigest())
-    check_tensors(skeleton(manifest, path), tensors, path)
-    return bundle
+    return parse_manifest(meta[META_KEY], path)
 
 
 def skeleton(manifest: Manifest, where: object) -> nn.Module:
@@ -221,11 +261,23 @@ def skeleton(manifest: Manifest, where: object) -> nn.Module:
 
 def to_bytes(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> bytes:
     """Return the safetensors bytes of a bundle whose manifest `load` will accept: checked
-    again here, as model_copy(update=...) does not validate what it sets."""
+    again here, as model_copy(update=...) does not validate what it sets. One dtype per
+    bundle: every floating tensor is stored as float32 (mgrow's compute dtype; a float64
+    one computed elsewhere is rounded), BatchNorm counters as int64 (see stored_dtype)."""
     text = manifest.to_json()
     parse_manifest(text, "the bundle to write")
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    flat = {k: v.detach().to("cpu", stored_dtype(k, v)).contiguous() for k, v in tensors.items()}
     return safetensors.torch.save(flat, metadata={META_KEY: text})
+
+
+def stored_dtype(key: str, v: torch.Tensor) -> torch.dtype:
+    """Return the dtype a bundle stores tensor `key` in: float32 for a floating tensor,
+    int64 for a BatchNorm counter, else its own (which `load` then refuses, naming it)."""
+    if v.is_floating_point():
+        return torch.float32
+    if key.rpartition(".")[2] == COUNTER and v.dtype != torch.bool:
+        return torch.int64
+    return v.dtype
 
 
 def save(path: str | os.PathLike, manifest: Manifest, tensors: dict[str, torch.Tensor],

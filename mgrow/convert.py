@@ -23,12 +23,20 @@ to the rows Q[l] of the layers gives (Q a)_l = 0), so the spares decide what new
   CIFAR-10 images), so it is not the default.
 Stem and classifier (t = 1) keep their weight as the single template with coefficient 1.
 
-Owns `convert_checkpoint`, `convert_state`, `read_checkpoint`. Imports mgrow.errors, manifest,
-mixing, arch, bundle, files, and (to record a data set) data.
+Owns `convert_checkpoint`, `convert_state`, `read_checkpoint` (and `read_model`,
+`model_state`: the model's keys of a checkpoint holding more). Imports mgrow.errors,
+manifest, mixing, arch, bundle, files, and (to record a data set) data.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
+import pickle
+import re
+import sys
+import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -36,7 +44,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from .arch import build
-from .bundle import check_tensors, conform, header, load_tensors
+from .bundle import COUNTER, check_tensors, conform, header, load_tensors
 from .errors import MgrowError
 from .files import read_bytes
 from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Parent
@@ -45,23 +53,42 @@ from .mixing import mixed_layers, random_orthogonal
 CHUNK_BYTES = 64 << 20  # float64 working set of convert_state per slice
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Return the state_dict in a .pt/.pth (plain, or under 'state_dict'/'model') or .safetensors."""
+def read_checkpoint(path: str | Path, expected: Collection[str] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Return the state_dict in a .pt/.pth (plain, or under 'state_dict'/'model') or
+    .safetensors, without its wrappers' prefixes (see model_state for `expected`)."""
+    return read_model(path, expected)[0]
+
+
+def read_model(path: str | Path, expected: Collection[str] | None = None
+               ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Return (the model's state_dict in a checkpoint file, the keys left out as outside
+    the model): see model_state."""
     p = Path(path)
+    state, outside = model_state(_load_state(p), expected)
+    return with_bn_counters(conform(state, p)), outside
+
+
+# Classes a checkpoint may hold beside its tensors, allowed to torch's weights-only loader
+# while mgrow reads it (nothing runs code): torchvision's reference scripts save `args`.
+SAFE_CLASSES = (argparse.Namespace,)
+
+
+def _load_state(p: Path) -> dict[str, torch.Tensor]:
+    """Return the dict of tensors in a .pt/.pth (plain, or under 'state_dict' or 'model')
+    or .safetensors file, keys as saved; or raise MgrowError (a pickle needing a class
+    outside SAFE_CLASSES and torch's plain types is refused, naming it)."""
     data = read_bytes(p)
     if p.suffix == ".safetensors":
         header(data, p)
-        return with_bn_counters(conform(load_tensors(data, p), p))
-    import io
-    import pickle
-    import warnings
+        return load_tensors(data, p)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it did not write
             warnings.simplefilter("ignore")
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(list(SAFE_CLASSES)):  # undone on exit
+                obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise MgrowError(f"{p}: refused to load: not a plain tensor checkpoint "
-                         f"({_unpickling_reason(e)})") from None
+        raise MgrowError(f"{p}: refused to load: {_unpickling_reason(e)}") from None
     except Exception as e:
         raise MgrowError(f"{p}: not a PyTorch checkpoint ({type(e).__name__})") from None
     for key in ("state_dict", "model"):
@@ -71,7 +98,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise MgrowError(f"{p}: no state_dict found (expected a dict of tensors, or one under "
                          "'state_dict' or 'model')")
-    return with_bn_counters(conform(strip_wrappers(obj), p))
+    return obj
 
 
 def with_bn_counters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,6 +111,7 @@ def with_bn_counters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 WRAPPERS = ("module.", "model.", "_orig_mod.")  # DataParallel/DDP, Lightning, torch.compile
+NAMED = WRAPPERS + ("net.",)  # also Lightning's other habit, where the architecture says so
 
 
 def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -95,6 +123,39 @@ def strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return state
         state = {k[len(prefix):]: v for k, v in state.items()}
     return state
+
+
+def model_state(state: dict[str, torch.Tensor], expected: Collection[str] | None = None
+                ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Return (the model's entries of a checkpoint's state_dict, prefix stripped; the keys
+    left out, sorted).
+
+    Without `expected` (the architecture's keys): strip_wrappers, nothing left out. With
+    it: the prefix (any nesting of NAMED, or none) whose keys hold most of `expected` wins,
+    and every key under it is kept, so the tensor check names any the model lacks or does
+    not know; keys outside it (a Lightning module's loss weights beside `model.`) are left
+    out. None holding any: strip_wrappers.
+    """
+    needed = {k for k in expected or () if k.rpartition(".")[2] != COUNTER}
+    prefixes, frontier = [""], [""]
+    while frontier:  # every nesting of NAMED that some key starts with, shortest first
+        frontier = [p + w for p in frontier for w in NAMED
+                    if any(k.startswith(p + w) for k in state)]
+        prefixes += frontier
+
+    def held(prefix: str) -> int:
+        return sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in needed)
+    best = max(prefixes, key=held)  # the first, shortest, of equals
+    if not needed or held(best) == 0:
+        return strip_wrappers(state), []
+    return ({k[len(best):]: v for k, v in state.items() if k.startswith(best)},
+            sorted(k for k in state if not k.startswith(best)))
+
+
+def outside_note(keys: list[str]) -> str:
+    """Return 'ignored N keys outside the model: a, b, ...' (the first few named)."""
+    shown = ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+    return f"ignored {len(keys)} key{'s' * (len(keys) > 1)} outside the model: {shown}"
 
 
 def _blocks(state: dict[str, torch.Tensor], stage: str) -> int:
@@ -196,12 +257,24 @@ def read_shape(state: dict[str, torch.Tensor], arch: ArchSpec) -> tuple[int | No
 
 
 def _unpickling_reason(e: Exception) -> str:
-    """Return the line of torch's weights-only error that says what was refused."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    """Return why torch's weights-only loader refused a pickle: the class (or function) it
+    needs, named, else the line of torch's message that says what was refused."""
+    text = str(e)
+    found = re.search(r"\bGLOBAL ([A-Za-z_][\w.]*)", text)
+    if found:
+        module, _, name = found.group(1).rpartition(".")
+        obj = getattr(sys.modules.get(module or "builtins"), name, None)  # imports nothing
+        kind = "function" if callable(obj) and not isinstance(obj, type) else "class"
+        return (f"it needs {kind} {found.group(1)}, which is not a plain tensor "
+                "type; mgrow runs no code from a checkpoint: save the state_dict alone "
+                "(torch.save(model.state_dict(), ...))")
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                   "(1) In PyTorch", "(2) Alternatively")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     reason = next((ln for ln in lines if not ln.startswith(boilerplate)),
                   lines[0] if lines else "unpickling failed")
-    return reason.removeprefix("WeightsUnpickler error: ")[:200]
+    return ("not a plain tensor checkpoint ("
+            + reason.removeprefix("WeightsUnpickler error: ")[:200] + ")")
 
 
 def _check_classes(plain: nn.Module, state: dict[str, torch.Tensor], src: object) -> None:
@@ -282,7 +355,8 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     size by family (default_input_size: 224 for resnet/vgg, 32 for wrn). `normalisation`
     (mean, std per channel, 0-1 scale): the constants the checkpoint was trained with,
     recorded for `data` instead of the statistics measured here (every later command
-    normalises with what the bundle records).
+    normalises with what the bundle records). Keys outside the model (model_state) are
+    named in one `note:` line on stderr once the bundle is written.
     """
     from .arch import check_name
     from .bundle import save
@@ -293,25 +367,26 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
         raise MgrowError("--mean/--std say how the checkpoint's data was normalised: "
                          "name that data set with --data too")
     with writer_lock(output):  # held from the start: a second writer is refused at once
-        state = read_checkpoint(src)
-        check_family(state, arch_name, src)
         arch = ArchSpec(name=arch_name, width=width, input_size=input_size or
                         default_input_size(arch_name), norm=norm)
+        state, outside = read_model(src, build(arch, meta=True).state_dict().keys())
+        check_family(state, arch_name, src)
         classes, channels = read_shape(state, arch)
         arch = arch.model_copy(update={
             "num_classes": num_classes or classes or arch.num_classes,
             "in_channels": in_channels or channels or arch.in_channels})
-        if mixing is None:
-            plain = build(arch)
-            _check_classes(plain, state, src)
+        plain = build(arch, meta=True)
+        _check_classes(plain, state, src)
+        try:
             check_tensors(plain, state, src)
-            tensors = state
-        else:
-            tensors = convert_state(state, arch, mixing, seed, src, spare)
+        except MgrowError as e:  # name what was left out too: it may be what is missing
+            raise MgrowError(f"{e}{'; ' + outside_note(outside) if outside else ''}") from None
+        tensors = state if mixing is None else convert_state(state, arch, mixing, seed, src,
+                                                             spare)
         dataset = None
-        if data is not None:
-            from .data import load_data
-            dataset = load_data(data).spec
+        if data is not None:  # one size: the images are read at the one the FLOPs count
+            dataset = _dataset(data, arch.input_size, input_size is not None)
+            arch = arch.model_copy(update={"input_size": dataset.input_size})
             if normalisation is not None:
                 dataset = normalised_as(dataset, *normalisation)
         options = {"arch": arch_name, "seed": seed, "mixed": mixing is not None}
@@ -320,7 +395,24 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
         lineage = Lineage(operation="convert", options=options,
                           parents=(Parent(sha256=sha256_file(src), path=str(src)),))
         manifest = Manifest(arch=arch, mixing=mixing, data=dataset, lineage=lineage)
-        return save(output, manifest, tensors, force), manifest
+        path = save(output, manifest, tensors, force)
+    if outside:
+        print(f"note: {outside_note(outside)}", file=sys.stderr)
+    return path, manifest
+
+
+def _dataset(spec: str, size: int, size_given: bool) -> DatasetSpec:
+    """Return what a bundle records of data set `spec`: an image folder read at `size` (the
+    side the network is counted at); a set of fixed-size images at their own size, which
+    an explicit --input-size must then equal."""
+    from .data import load_data
+    folder = spec.startswith("imagefolder:")
+    recorded = load_data(spec, input_size=size if folder else None).spec
+    if size_given and recorded.input_size != size:
+        raise MgrowError(f"--input-size {size} differs from the {recorded.input_size} x "
+                         f"{recorded.input_size} images of {spec}: FLOPs are counted at the "
+                         "size the data is read at")
+    return recorded
 
 
 def normalised_as(spec: DatasetSpec, mean: tuple[float, ...], std: tuple[float, ...]

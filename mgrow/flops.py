@@ -87,17 +87,29 @@ def param_counts(tensors: dict[str, torch.Tensor], arch: ArchSpec,
     return counts
 
 
-def reference_flops(manifest: Manifest, reference_epochs: float = REFERENCE_EPOCHS) -> int:
+def reference_epochs_of(manifest: Manifest, reference_epochs: float | None = None) -> float:
+    """Return the epochs of the 1.00X: those given, else the bundle's recorded reference (the
+    one its `--budget` was set against), else REFERENCE_EPOCHS."""
+    if reference_epochs is not None:
+        return reference_epochs
+    return manifest.reference_epochs or REFERENCE_EPOCHS
+
+
+def reference_flops(manifest: Manifest, reference_epochs: float | None = None) -> int:
     """Return the training FLOPs of one full-schedule run of this architecture from scratch.
 
-    = 3 x forward FLOPs x training images x reference_epochs (the "1.00X" of the paper).
+    = 3 x forward FLOPs x training images x reference epochs (the "1.00X" of the paper;
+    see reference_epochs_of).
     """
     images = manifest.data.train_size if manifest.data else 0
-    return int(3 * forward_flops(manifest.arch) * images * reference_epochs)
+    return int(3 * forward_flops(manifest.arch) * images
+               * reference_epochs_of(manifest, reference_epochs))
 
 
-def ledger(manifest: Manifest, reference_epochs: float = REFERENCE_EPOCHS) -> dict:
-    """Return the ledger rows and totals, normalised to one full run of this architecture."""
+def ledger(manifest: Manifest, reference_epochs: float | None = None) -> dict:
+    """Return the ledger rows and totals, normalised to one full run of this architecture
+    (its recorded reference unless `reference_epochs` is given)."""
+    reference_epochs = reference_epochs_of(manifest, reference_epochs)
     ref = reference_flops(manifest, reference_epochs)
     base = sum(p.train_flops for p in manifest.phases if p.stage == "base")
     growth = sum(p.train_flops for p in manifest.phases if p.stage == "growth")
@@ -111,13 +123,16 @@ def ledger(manifest: Manifest, reference_epochs: float = REFERENCE_EPOCHS) -> di
 
 
 def epochs_for_budget(manifest: Manifest, budget: float,
-                      reference_epochs: float = REFERENCE_EPOCHS,
-                      train_size: int | None = None) -> float:
+                      reference_epochs: float | None = None,
+                      train_size: int | None = None, input_size: int | None = None,
+                      spent_now: int = 0) -> float:
     """Return the epochs of training that bring the growth FLOPs to `budget` x reference.
 
     The reference is the recorded training-set size; an epoch of the run being planned
     trains `train_size` images (default: the recorded size; the engine trains whole
-    batches only, so pass the images of those).
+    batches only, so pass the images of those) at `input_size` (default: the recorded
+    architecture's). `spent_now`: FLOPs this run spent before training (a BN recalibration),
+    charged to the budget whatever the stage.
 
     Worked example: a grown net whose sibling spent 0.10X, with budget 0.45X and the
     paper's 200 reference epochs, gets (0.45 - 0.10) x 200 = 70 epochs.
@@ -126,17 +141,19 @@ def epochs_for_budget(manifest: Manifest, budget: float,
     if manifest.data is None or manifest.data.train_size == 0:
         raise MgrowError("--budget needs the bundle's data set (pass --data)")
     ref = reference_flops(manifest, reference_epochs)
-    spent = sum(p.train_flops for p in manifest.phases if p.stage == "growth")
+    spent = sum(p.train_flops for p in manifest.phases if p.stage == "growth") + spent_now
     left = budget * ref - spent
     if left <= 0:
         raise MgrowError(f"--budget {budget:g}X is already spent: growth so far used "
                          f"{spent / ref:.3f}X of a full run")
-    per_epoch = 3 * forward_flops(manifest.arch) * (train_size or manifest.data.train_size)
+    arch = manifest.arch if input_size is None else manifest.arch.model_copy(
+        update={"input_size": input_size})
+    per_epoch = 3 * forward_flops(arch) * (train_size or manifest.data.train_size)
     return left / per_epoch
 
 
 def report(path, input_size: int | None = None,
-           reference_epochs: float = REFERENCE_EPOCHS) -> dict:
+           reference_epochs: float | None = None) -> dict:
     """Return everything `mgrow flops` prints: FLOPs per layer, parameters, ledger."""
     from .bundle import load
     bundle = load(path)

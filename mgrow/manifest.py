@@ -17,7 +17,8 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import limits as L
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `reference_epochs`; version 1 manifests are read as version 2
+READABLE_VERSIONS = (1, 2)
 
 
 class _Strict(BaseModel):
@@ -155,6 +156,17 @@ class Manifest(_Strict):
     lineage: Lineage
     phases: tuple[Phase, ...] = Field((), max_length=100_000)
     growth: Growth | None = None
+    # the epochs of one full from-scratch run (the 1.00X) a `--budget` was set against;
+    # every report normalises to it unless told otherwise (None: REFERENCE_EPOCHS, 200)
+    reference_epochs: float | None = Field(None, gt=0, le=L.MAX_REFERENCE_EPOCHS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, raw: Any) -> Any:
+        """Return a version 1 manifest as version 2 (which only added reference_epochs)."""
+        if isinstance(raw, dict) and raw.get("format_version") == 1:
+            return {**raw, "format_version": FORMAT_VERSION}
+        return raw
 
     @field_validator("format_version")
     @classmethod

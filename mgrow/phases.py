@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from .data import Data, DataSource, steps_per_epoch
 from .engine import (Progress, TrainConfig, TrainResult, barrier, evaluate, is_main_process,
                      resolve_device, train)
 from .errors import MgrowError
-from .files import check_writable, writer_lock
-from .flops import epochs_for_budget, forward_flops
+from .files import check_writable, lock_file, writer_lock
+from .flops import epochs_for_budget, forward_flops, reference_epochs_of
 from .footprint import estimate
 from .growth import DATA_METHODS, Grown, fuse
 from .limits import check_memory, dump_json
@@ -73,6 +74,12 @@ def check_fits(arch: ArchSpec, data: Data, mixing: MixingSpec | None = None,
                  f"inputs", resolve_device(device))
 
 
+def at_size(arch: ArchSpec, data: Data) -> ArchSpec:
+    """Return `arch` counted at the side `data` is read at: every ledger row counts the FLOPs
+    of the images its phase actually read."""
+    return arch.model_copy(update={"input_size": data.spec.input_size})
+
+
 def side_files(output: Path) -> tuple[Path, Path]:
     """Return the (resumable checkpoint, metrics JSON lines) paths that go with an output."""
     output = Path(output)
@@ -107,7 +114,7 @@ def _run_locked(manifest: Manifest, model: nn.Module, data: Data, cfg: TrainConf
                 resume: bool, progress: Progress, force: bool) -> Outcome:
     """run_phase with the output's writer locks held."""
     check_no_checkpoint(output, resume)
-    fwd = forward_flops(manifest.arch)  # before training: its memory refusal comes first
+    fwd = forward_flops(at_size(manifest.arch, data))  # before training: memory refusal first
     result = train(model, data, cfg, checkpoint=ckpt, resume=resume, progress=progress,
                    metrics_path=metrics)
     if not (math.isfinite(result.loss) and math.isfinite(result.accuracy)):
@@ -146,25 +153,43 @@ def train_new(arch_name: str, source: DataSource, cfg: TrainConfig, output: Path
     return run_phase(manifest, model, data, cfg, output, "train", "base", **run)
 
 
-def free_output(source: Path, tag: str) -> Path:
-    """Return `<source>-<tag>.safetensors` next to source, numbered (`-2`, `-3` ...) so as
-    never to name an existing file."""
+@contextlib.contextmanager
+def free_output(source: Path, tag: str) -> Iterator[Path]:
+    """Hold the writer lock of `<source>-<tag>.safetensors` next to source, numbered (`-2`,
+    `-3` ...), while the block runs, and yield its path: a name that exists, or whose lock
+    another writer holds, is passed over, so concurrent runs never choose the same one.
+    Under torchrun a rank other than 0 (which writes nothing) takes no lock."""
     source = Path(source)
     stem = source.name.removesuffix(".safetensors")
     for n in range(1, 1000):
         path = source.with_name(f"{stem}-{tag}{'' if n == 1 else f'-{n}'}.safetensors")
-        if not path.exists():
-            return path
+        if path.exists():
+            continue
+        if not is_main_process():
+            yield path
+            return
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(writer_lock(path))
+            except MgrowError:  # held by another writer (or its output written meanwhile)
+                if path.exists() or os.path.lexists(lock_file(path)):
+                    continue
+                raise
+            if not path.exists():  # not written by a writer that held it until now
+                yield path
+                return
     raise MgrowError(f"too many {tag} outputs of {source} already")
 
 
-def sibling_output(small: Path) -> Path:
-    """Return the default sibling output of `small`: `<small>-sibling.safetensors`, numbered."""
+def sibling_output(small: Path) -> contextlib.AbstractContextManager[Path]:
+    """Hold and yield the default sibling output of `small`: `<small>-sibling.safetensors`,
+    numbered (see free_output)."""
     return free_output(small, "sibling")
 
 
-def grown_output(a: Path) -> Path:
-    """Return the default output of `fuse A`: `<A>-grown.safetensors`, numbered."""
+def grown_output(a: Path) -> contextlib.AbstractContextManager[Path]:
+    """Hold and yield the default output of `fuse A`: `<A>-grown.safetensors`, numbered
+    (see free_output)."""
     return free_output(a, "grown")
 
 
@@ -173,15 +198,19 @@ def fuse_files(a: str | Path, b: str | Path | None, output: str | Path, *, force
     """Fuse bundle files into a grown bundle at `output`; return its path and the result.
 
     gradmax and firefly read `source` (default: A's recorded data), loaded once fuse has
-    checked the options and checked against A's classes and input channels.
+    checked the options, and checked as `train` checks its data: classes, input channels,
+    and one training step of the plain wide net at --batch-size on those images (on the
+    CPU, where the growth step runs).
     """
     check_writable(output, force)
     with writer_lock(output):  # held from the start: a second writer is refused at once
         members = [load(a)] + ([load(b)] if b is not None else [])
 
         def data() -> Data:
-            loaded = (source or DataSource()).load(members[0].manifest.data)
-            check_fits(members[0].manifest.arch, loaded)
+            first = members[0].manifest
+            loaded = (source or DataSource()).load(first.data, first.arch.input_size)
+            wide = at_size(first.arch.widened(options.get("factor", 2)), loaded)
+            check_fits(wide, loaded, None, options.get("batch_size", 64), True, "cpu")
             return loaded
         grown = fuse(members, data=data if options.get("method") in DATA_METHODS else None,
                      **options)
@@ -208,10 +237,13 @@ def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
         raise MgrowError(f"{small_path}: the sibling's seed {cfg.seed} is the small net's own: "
                          "it would start as its twin (the same templates and data order); "
                          f"choose another seed (default {cfg.seed + 1})")
-    output = Path(output) if output is not None else sibling_output(Path(small_path))
+    if output is None:  # the default name, chosen under its lock, held until it is written
+        with sibling_output(Path(small_path)) as claimed:
+            return train_sibling(small_path, source, cfg, claimed, **run)
+    output = Path(output)
     check_writable(output, run.get("force", False))
     check_no_checkpoint(output, run.get("resume", False))
-    data = source.load(man.data)
+    data = source.load(man.data, man.arch.input_size)
     model = build(man.arch, man.mixing, seed=cfg.seed)
     manifest = Manifest(arch=man.arch, mixing=man.mixing, data=data.spec, lineage=Lineage(
         operation="train-sibling", options={"seed": cfg.seed, "epochs": cfg.epochs,
@@ -222,7 +254,7 @@ def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
 
 
 def finetune(path: Path, source: DataSource, cfg: TrainConfig, output: Path, *,
-             budget: float | None = None, reference_epochs: float = 200,
+             budget: float | None = None, reference_epochs: float | None = None,
              bn_recalibrate: int = 0, **run) -> Outcome:
     """Continue training a bundle (stage growth once grown); a `budget` replaces cfg.epochs.
 
@@ -231,27 +263,47 @@ def finetune(path: Path, source: DataSource, cfg: TrainConfig, output: Path, *,
     """
     check_writable(output, run.get("force", False))  # refusals first, before any work
     check_no_checkpoint(output, run.get("resume", False))
-    if bn_recalibrate < 0:
-        raise MgrowError(f"--bn-recalibrate must be at least 0, not {bn_recalibrate}")
+    if isinstance(bn_recalibrate, bool) or not isinstance(bn_recalibrate, int) \
+            or bn_recalibrate < 0:
+        raise MgrowError(f"--bn-recalibrate takes a whole number of batches >= 0, not "
+                         f"{bn_recalibrate!r}")
     bundle = load(path)
-    data = source.load(bundle.manifest.data)
     man = bundle.manifest
-    if man.data is None:  # e.g. converted without --data: the first data trained on
-        man = man.model_copy(update={"data": data.spec})
+    data = source.load(man.data, man.arch.input_size)
+    if man.data is None:  # e.g. converted without --data: the first data trained on, and
+        man = adopt(man, data)  # the size it is read at, which the FLOPs are counted at
     stage = "growth" if man.growth is not None else "base"
     model = bundle.model()
+    recalibration = None
     if bn_recalibrate:
-        man = man.with_phase(_recalibrate(man, model, data, cfg, bn_recalibrate, stage))
+        recalibration = _recalibrate(man, model, data, cfg, bn_recalibrate, stage)
     if budget is not None:  # an epoch trains only whole batches: count those images
-        cfg = cfg.model_copy(update={"epochs": epochs_for_budget(
-            man, budget, reference_epochs,
-            train_size=steps_per_epoch(data, cfg.batch_size) * cfg.batch_size)})
+        reference_epochs = reference_epochs_of(man, reference_epochs)
+        per_epoch = steps_per_epoch(data, cfg.batch_size)
+        epochs = epochs_for_budget(man, budget, reference_epochs, per_epoch * cfg.batch_size,
+                                   data.spec.input_size, recalibration and
+                                   recalibration.train_flops or 0)
+        if round(epochs * per_epoch) < 1:
+            raise MgrowError(f"--budget {budget:g}X leaves {epochs:.3g} epochs: less than one "
+                             f"step of {cfg.batch_size} images; raise the budget")
+        cfg = cfg.model_copy(update={"epochs": epochs})
+        man = man.model_copy(update={"reference_epochs": reference_epochs})
+    used = recalibration.images // cfg.batch_size if recalibration else 0
+    if recalibration:
+        man = man.with_phase(recalibration)
     options = {"seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
                "batch_size": cfg.batch_size, "schedule": cfg.schedule, "budget": budget,
-               "data": data.spec.spec,
-               "train_size": len(data.train_y), "bn_recalibrate": bn_recalibrate}
+               "data": data.spec.spec, "train_size": len(data.train_y),
+               "bn_recalibrate": used}
     manifest = man.derived("finetune", options, (bundle.parent(),))
     return run_phase(manifest, model, data, cfg, output, "finetune", stage, **run)
+
+
+def adopt(man: Manifest, data: Data) -> Manifest:
+    """Return a manifest that recorded no data with `data` recorded, its network counted at
+    the size the data is read at (one size for the images and the FLOPs)."""
+    arch = man.arch.model_copy(update={"input_size": data.spec.input_size})
+    return man.model_copy(update={"data": data.spec, "arch": arch})
 
 
 def _recalibrate(man: Manifest, model: nn.Module, data: Data, cfg: TrainConfig, n: int,
@@ -263,7 +315,7 @@ def _recalibrate(man: Manifest, model: nn.Module, data: Data, cfg: TrainConfig, 
     dev = resolve_device(cfg.device)
     t0 = time.perf_counter()
     images = recalibrate(model, data, n, cfg.batch_size, cfg.seed, dev)
-    fwd = forward_flops(man.arch)
+    fwd = forward_flops(at_size(man.arch, data))
     return Phase(operation="bn-recalibrate", arch=man.describe(), stage=stage, images=images,
                  forward_flops=fwd, train_flops=fwd * images,
                  wall_s=round(time.perf_counter() - t0, 3), device=device_name(dev))

@@ -14,13 +14,18 @@ Features: the output of every convolution and linear layer (the classifier's log
 included), flattened per image, in the order the layers run, on the first n images of a
 test split.
 One forward pass of all n images computes every layer's Gram matrix inside a hook, so
-memory is that of one batch of n images plus n x n per layer, whatever the layer widths.
+memory is that of one batch of n images plus n x n per layer, whatever the layer widths:
+`check_cka_fits` sizes that on the meta device (footprint.estimate) and refuses, through
+limits.check_memory, a count of images whose Gram matrices would not fit, before any is
+made (10,000 images of two WRN-10-2 nets: 22 matrices of 800 MB, 17.6 GB in all).
 
-Owns `cka_models`, `linear_cka`, `heatmap`. Imports mgrow.errors, data and mixing.
+Owns `cka_models`, `linear_cka`, `check_cka_fits`, `heatmap`. Imports mgrow.errors,
+limits, footprint, data and mixing.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +33,8 @@ from torch import nn
 
 from .data import Data, batches
 from .errors import MgrowError
+from .footprint import estimate
+from .limits import check_memory
 from .mixing import MixedConv2d, MixedLinear
 
 FEATURE_LAYERS = (nn.Conv2d, nn.Linear, MixedConv2d, MixedLinear)
@@ -59,15 +66,55 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return cka_from_grams(centered_gram(x), centered_gram(y))
 
 
-def images(data: Data, n: int) -> torch.Tensor:
-    """Return the first n test images of `data`, normalised, as one batch (n, C, H, W)."""
+def check_count(data: Data, n: int) -> None:
+    """Raise MgrowError unless `data`'s test split holds n >= 2 images."""
     if n < 2:
         raise MgrowError(f"--images must be at least 2, not {n}")
     if n > len(data.test_y):
         raise MgrowError(f"--images {n} exceeds the {len(data.test_y)} test images of "
                          f"{data.spec.spec}")
+
+
+def images(data: Data, n: int) -> torch.Tensor:
+    """Return the first n test images of `data`, normalised, as one batch (n, C, H, W)."""
+    check_count(data, n)
     x, _ = next(iter(batches(data, False, n, 0, 0)))
     return x
+
+
+def check_cka_fits(a: nn.Module, b: nn.Module, data: Data, n: int,
+                   device: torch.device | None = None) -> None:
+    """Raise MgrowError (one line, naming --images and the bytes) unless `cka_models` of
+    a and b (built on the meta device: nothing is allocated) on n images of `data` fits
+    the memory: the n x n float64 Gram matrix of every feature layer of both nets, all
+    held until the matrix is made, and one product of two, plus the two nets, the two
+    batches of images (each net sees its own normalisation) and one forward pass at a
+    time, with the float64 copies the widest layer's features take while its Gram matrix
+    is made."""
+    check_count(data, n)
+    d = data.spec
+    shape = (n, d.channels, d.input_size, d.input_size)
+    layers, state, one_pass = 0, 0, 0
+    for model in (a, b):
+        widest = 0
+
+        def size(_m: nn.Module, _i: object, y: torch.Tensor) -> None:
+            nonlocal widest
+            widest = max(widest, y.numel())
+        hooks = [m.register_forward_hook(size) for m in model.modules()
+                 if isinstance(m, FEATURE_LAYERS)]
+        try:
+            est = estimate(model, shape)  # one meta pass: activations at n images
+        finally:
+            for h in hooks:
+                h.remove()
+        layers += len(hooks)
+        state += est.state + est.generated
+        one_pass = max(one_pass, est.activations + 2 * 8 * widest)
+    grams = layers * n * n * 8
+    need = grams + n * n * 8 + state + one_pass + 2 * 4 * math.prod(shape)  # + K * L
+    check_memory(need, f"linear CKA on --images {n} ({layers} Gram matrices of {n} x {n} "
+                 f"float64, {grams:,} bytes, and a forward pass)", device)
 
 
 @torch.no_grad()

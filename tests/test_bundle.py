@@ -70,7 +70,7 @@ def _bad_files(bundle_file, d):
     safetensors.torch.save_file({"w": torch.zeros(2)}, d / "foreign.safetensors")
     cases[d / "foreign.safetensors"] = "without an mgrow manifest"
     cases[_with_manifest(bundle_file, d / "v2.safetensors",
-                         lambda m: m.update(format_version=2))] = "format version 2"
+                         lambda m: m.update(format_version=3))] = "format version 3"
     cases[_with_manifest(bundle_file, d / "nofield.safetensors",
                          lambda m: m.pop("lineage"))] = "invalid manifest: lineage"
     cases[_with_manifest(bundle_file, d / "type.safetensors",

@@ -16,7 +16,7 @@ from mgrow.bundle import Bundle, load
 from mgrow.flops import forward_flops, ledger
 from mgrow.growth import Job, fuse
 from mgrow.phases import fuse_files
-from mgrow.growth.grid import common, grid_size, head_name, plain_state
+from mgrow.growth.grid import block_sources, common, grid_size, head_name, plain_state
 from mgrow.manifest import ArchSpec
 from mgrow.data import DataSource
 
@@ -99,8 +99,8 @@ def test_firefly_keeps_the_candidates_that_decrease_the_loss_more(member, data):
     job = Job([member], skeleton, ARCH.widened(2), member.manifest.mixing, "orthogonal", 0.1,
               torch.Generator().manual_seed(0), 0)
     state = plain_state(member)
-    wide = dg.widen(job, state, common([state], job.skeleton, grid_size(job.skeleton),
-                                        head_name(job.skeleton)))
+    srcs = block_sources(grid_size(job.skeleton), 1)
+    wide = dg.widen(job, state, common([state], job.skeleton, srcs, head_name(job.skeleton)))
     batches = _batches(data)
     probe = dg._probe(wide)
     kinds = [dg.candidates(wide, kind, 0.1, job.gen) for kind in ("split", "new")]

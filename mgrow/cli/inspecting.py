@@ -24,7 +24,7 @@ def flops(
     input_size: Annotated[Optional[int], typer.Option(
         "--input-size", min=8, max=L.MAX_INPUT_SIZE,
         help="Count at this input side instead of the manifest's.")] = None,
-    reference_epochs: RefEpochs = 200,
+    reference_epochs: RefEpochs = None,
 ):
     """Forward FLOPs (fvcore) per layer, parameter counts and the training-FLOPs ledger."""
     from ..api import count_flops
@@ -81,7 +81,7 @@ def _x(v: float | None) -> str:
 def info(
     bundle: Bundle,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-    reference_epochs: RefEpochs = 200,
+    reference_epochs: RefEpochs = None,
 ):
     """What a bundle holds: manifest, lineage (parents, operations, options), ledger, parameters."""
     from ..api import info as run
@@ -116,8 +116,12 @@ def _lineage_tree(tree, lineage: dict) -> None:
         tree.add(f"(earlier) {_step(h)}")
     node = tree.add(_step(lineage))
     for p in lineage["parents"]:
+        if p.get("seen_above"):  # the same file as a parent shown in full above: short
+            node.add(f"parent {p['path']} (sha256 {p['sha256'][:12]}..., the same as above)")
+            continue
         where = {"found": f"found at {p.get('found_at')}", "missing": "not found",
-                 "changed": "changed since (sha256 differs)"}[p["status"]]
+                 "changed": "changed since (sha256 differs)",
+                 "unreadable": f"unreadable: {p.get('reason')}"}.get(p["status"], p["status"])
         child = node.add(f"parent {p['path']} ({p.get('description', '')}"
                          f"{', ' if 'description' in p else ''}sha256 {p['sha256'][:12]}..., "
                          f"{where})")

@@ -8,6 +8,7 @@ the package) and mgrow.errors.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import sys
@@ -23,8 +24,10 @@ def main() -> None:
     """Run the CLI; user errors print one line on stderr and exit 2 (with --debug: raise).
 
     Anything unforeseen also ends in one line (exit 1) naming the command and the
-    exception, pointing to --debug for the traceback. A closed stdout prints nothing; one
-    closed by its reader (broken pipe) ends in one line and exit 141, as SIGPIPE would.
+    exception, pointing to --debug for the traceback. A stdout closed at start is a write
+    error (one line, exit 1, as GNU tools) for a command that prints its product there (see
+    _closed_stdout); one closed by its reader (broken pipe) ends in one line and exit 141,
+    as SIGPIPE would.
     """
     _reopen_closed_fds()
     for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 prints
@@ -35,7 +38,7 @@ def main() -> None:
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _on_signal)
     try:
-        code = _run()
+        code = _closed_stdout(_run())
         _flush_stdout()
     except BrokenPipeError:
         code = _broken_pipe()
@@ -113,14 +116,45 @@ def _error(message: str, code: int) -> int:
 
 def _reopen_closed_fds() -> None:
     """Put /dev/null on a closed stdin, stdout or stderr, so that no file mgrow opens takes
-    their descriptor (and C libraries writing to fd 1 or 2 write nowhere)."""
+    their descriptor (and C libraries writing to fd 1 or 2 write nowhere); a closed stdout
+    becomes a _ClosedStdout, which remembers whether anything was printed."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
         except OSError:
             os.open(os.devnull, os.O_RDWR)  # takes the lowest free descriptor: this one
+            if fd == 1:
+                sys.stdout = _ClosedStdout(open(1, "wb", closefd=False), encoding="utf-8")
     if sys.stderr is None:  # else print(file=sys.stderr) would write to stdout
         sys.stderr = open(2, "w", closefd=False)
+
+
+class _ClosedStdout(io.TextIOWrapper):
+    """stdout when it was closed at start: writes go nowhere, `wrote` says there were some."""
+
+    wrote = False
+
+    def write(self, s: str) -> int:
+        self.wrote = self.wrote or bool(s)
+        return super().write(s)
+
+
+# Commands whose product is the file they write: what they print on stdout (`wrote X`,
+# --json's metrics) reports on it, and a closed stdout loses only that report.
+WRITERS = ("convert", "train", "train-sibling", "fuse", "finetune", "export")
+
+
+def _closed_stdout(code: int) -> int:
+    """Return the exit status once a command ran: 1, after one line, when it printed its
+    product (eval, flops, info, cka, any --help or --version: every command but the
+    WRITERS) on a stdout closed at start, as GNU tools end in `write error`; else `code`."""
+    if code != 0 or not isinstance(sys.stdout, _ClosedStdout) or not sys.stdout.wrote:
+        return code
+    args = sys.argv[1:]
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command in WRITERS and "--help" not in args:
+        return code
+    return _error("write error: stdout is closed", 1)
 
 
 def _flush_stdout() -> None:

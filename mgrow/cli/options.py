@@ -94,9 +94,10 @@ Width = Annotated[float, typer.Option("--width", callback=in_range(0, L.MAX_WIDT
                                       "that grows into width 1).")]
 
 
-RefEpochs = Annotated[float, typer.Option(
+RefEpochs = Annotated[Optional[float], typer.Option(
     "--reference-epochs", callback=in_range(0, L.MAX_REFERENCE_EPOCHS, True),
-    help="Epochs of one full from-scratch run (the 1.00X).")]
+    help="Epochs of one full from-scratch run (the 1.00X) [default: the one the bundle's "
+    "--budget was set against, recorded in it; else 200].", show_default=False)]
 
 
 def mixing_spec(templates: int, sharing: Sharing, edge_templates: int, freeze_edges: bool):

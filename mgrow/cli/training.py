@@ -123,7 +123,7 @@ def finetune(
         help="Instead of --epochs: train until the growth FLOPs (the ledger's "
         "growth stage: sibling + this run) reach X times one full from-scratch run of this "
         "architecture; prints the epochs it computes.")] = None,
-    reference_epochs: RefEpochs = 200,
+    reference_epochs: RefEpochs = None,
     bn_recalibrate: Annotated[int, typer.Option(
         "--bn-recalibrate", min=0, max=1_000_000,
         help="Before the first step, re-estimate the BN running "

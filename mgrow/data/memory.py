@@ -7,8 +7,8 @@ by 4 pixels and a horizontal flip with probability 1/2 (as for CIFAR); grayscale
 augmentation of global batch b is drawn from (seed, epoch, b) for the whole global batch
 and then sliced, so every rank count sees the same images, augmented the same way.
 
-Owns `MemoryData` and the readers. Imports mgrow.errors, mgrow.manifest and data.plan,
-data.transforms, data.folders.
+Owns `MemoryData` and the readers. Imports mgrow.errors, mgrow.limits (the memory check),
+mgrow.manifest and data.plan, data.transforms, data.folders.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from ..errors import MgrowError
+from ..limits import check_memory
 from ..manifest import DatasetSpec
-from .folders import DEFAULT_SIZE, cut, decode, default_workers, list_folder, scan
+from .folders import DEFAULT_SIZE, cut, decode, default_workers, list_folder, quiet, scan, shown
 from .plan import balanced_subset, batch_plan, generator, subset_size
 from .transforms import PAD, channel_stats, crop_flip, eval_view, normalise
 
@@ -84,17 +85,18 @@ def _assemble(spec: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: t
     `num_classes` None: the largest label + 1.
     """
     _, c, h, w = train_x.shape
+    where = shown(spec)  # it names a path: one line whatever that holds
     if not len(train_y) or not len(test_y):
-        raise MgrowError(f"{spec}: the training and test splits must both hold images")
+        raise MgrowError(f"{where}: the training and test splits must both hold images")
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     if h != w:
-        raise MgrowError(f"{spec}: images must be square, not {h}x{w}")
+        raise MgrowError(f"{where}: images must be square, not {h}x{w}")
     if tuple(test_x.shape[1:]) != (c, h, w):
-        raise MgrowError(f"{spec}: test images are {tuple(test_x.shape[1:])}, training "
+        raise MgrowError(f"{where}: test images are {tuple(test_x.shape[1:])}, training "
                          f"images {(c, h, w)}")
     for split, y in (("training", train_y), ("test", test_y)):
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
-            raise MgrowError(f"{spec}: {split} labels must lie in 0..{num_classes - 1}")
+            raise MgrowError(f"{where}: {split} labels must lie in 0..{num_classes - 1}")
     subset = subset_size(subset, len(train_y), spec, at_most)
     if subset is not None:
         keep = balanced_subset(train_y, subset)
@@ -108,6 +110,7 @@ def _assemble(spec: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: t
 def _nchw(images: np.ndarray, labels: np.ndarray, where: object) -> tuple[torch.Tensor,
                                                                            torch.Tensor]:
     """Return uint8 (N, C, H, W) and int64 (N,) tensors from (N, H, W[, C]) arrays."""
+    where = shown(where)
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise MgrowError(f"{where}: images must be uint8 (N, H, W, C) or (N, H, W), not "
                          f"{images.dtype} {images.shape}")
@@ -125,11 +128,11 @@ def _read_npz(path: Path, keys: tuple[str, ...]) -> list[np.ndarray]:
         with np.load(path) as z:
             missing = [k for k in keys if k not in z.files]
             if missing:
-                raise MgrowError(f"{path}: no array {', '.join(missing)} (has "
+                raise MgrowError(f"{shown(path)}: no array {', '.join(missing)} (has "
                                  f"{', '.join(z.files) or 'none'})")
             return [z[k] for k in keys]
     except (OSError, ValueError) as e:  # zipfile.BadZipFile is an OSError
-        raise MgrowError(f"{path}: not a readable .npz file ({e})") from None
+        raise MgrowError(f"{shown(path)}: not a readable .npz file ({e})") from None
 
 
 def _npz_splits(path: Path, where: str) -> tuple:
@@ -146,15 +149,16 @@ def _natural(path: Path) -> list:
 
 def _npz_folder(root: Path) -> tuple:
     """Return (train_x, train_y, test_x, test_y, None) of an npz: folder."""
+    where = shown(f"npz:{root}")
     if not root.is_dir():
-        raise MgrowError(f"npz:{root}: no such folder (expected train*.npz and test.npz in it)")
+        raise MgrowError(f"{where}: no such folder (expected train*.npz and test.npz in it)")
     files = sorted(root.glob("train*.npz"), key=_natural)
     if not files or not (root / "test.npz").is_file():
-        raise MgrowError(f"npz:{root}: expected train*.npz and test.npz in the folder")
+        raise MgrowError(f"{where}: expected train*.npz and test.npz in the folder")
     train = [_nchw(*_read_npz(f, ("images", "labels")), f) for f in files]
     shapes = {tuple(x.shape[1:]) for x, _ in train}
     if len(shapes) > 1:
-        raise MgrowError(f"npz:{root}: training files disagree on the image shape {shapes}")
+        raise MgrowError(f"{where}: training files disagree on the image shape {shapes}")
     tx, ty = torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])
     vx, vy = _nchw(*_read_npz(root / "test.npz", ("images", "labels")), root / "test.npz")
     return tx, ty, vx, vy, None
@@ -172,7 +176,7 @@ def _torchvision(name: str, root: Path, download: bool) -> tuple:
             ds = cls(str(root), download=download, **kwargs)
         except (RuntimeError, OSError, ImportError) as e:
             why = f"download failed ({e})" if download else "not found"
-            raise MgrowError(f"{name}: {why} in {root} (pass --download to fetch it, "
+            raise MgrowError(f"{name}: {why} in {shown(root)} (pass --download to fetch it, "
                              f"--data-dir DIR to use a copy elsewhere, or --data npz:PATH)"
                              ) from None
         images = np.asarray(ds.data)
@@ -189,13 +193,17 @@ def _imagefolder(spec: str, root: Path, subset: int | None, input_size: int | No
     classes, train, test = list_folder(root)
     train = cut(train, subset, spec, at_most)
     size = input_size or DEFAULT_SIZE
+    images = len(train.files) + len(test.files)  # uint8, 3 x S x S each, held at once
+    check_memory(images * 3 * size * size, f"--data-mode memory: {images:,} images of {spec} "
+                 f"decoded at {size} x {size}")
     out = []
     for split, where in ((train, "training split"), (test, "test split")):
         scan(root, split, 2 * (default_workers() if workers is None else max(1, workers)),
              f"{spec}, {where}")
         x = torch.empty(len(split.files), 3, size, size, dtype=torch.uint8)
-        for i in range(len(split.files)):
-            x[i] = eval_view(decode(split.path(root, i)), size)
+        with quiet():  # PIL's warnings (a palette's transparency, EXIF), in this thread
+            for i in range(len(split.files)):
+                x[i] = eval_view(decode(split.path(root, i)), size)
         out += [x, split.labels]
     return (*out, len(classes))
 

@@ -111,13 +111,17 @@ class DataSource:
     input_size: int | None = None  # image folders (None: the bundle's, else 224)
     stats: str = "imagenet"  # streamed sets: mean/std from ImageNet, or measured on a sample
 
-    def load(self, recorded: DatasetSpec | None = None) -> Data:
+    def load(self, recorded: DatasetSpec | None = None, input_size: int | None = None
+             ) -> Data:
         """Return the data: the given spec, else the one a bundle recorded (same subset).
 
         A bundle's recorded normalisation is part of its function: when `recorded` is given,
         the returned data are normalised with the recorded mean and std, whatever spec or
         subset was asked for (so `eval` with and without `--data` agree). Without --data and
         --subset the training split is cut to the recorded training-set size.
+        `input_size`: the side the network is counted at (its ArchSpec's), at which an image
+        folder is read when neither --input-size nor a recorded size says otherwise, so the
+        images read and the FLOPs counted are of one size.
         """
         if self.spec is None and recorded is None:
             raise MgrowError("no data set: pass --data (the bundle does not record one)")
@@ -125,16 +129,21 @@ class DataSource:
         # the recorded data without --subset: at most the recorded training size (the whole
         # split when the data on this machine holds fewer), listed and loaded once
         at_most = self.subset is None and self.spec is None
+        if at_most and recorded.train_size < 1:
+            raise MgrowError(f"the bundle's manifest records a training set of "
+                             f"{recorded.train_size} images of {recorded.spec}: pass --data "
+                             "to say what to read")
         data = self._load(spec, recorded.train_size if at_most else self.subset, recorded,
-                          at_most)
+                          at_most, input_size)
         return data if recorded is None else with_normalisation(data, recorded)
 
     def _load(self, spec: str, subset: int | None, recorded: DatasetSpec | None,
-              at_most: bool = False) -> Data:
-        """Return load_data's result; an image folder keeps the input size a bundle recorded."""
+              at_most: bool = False, input_size: int | None = None) -> Data:
+        """Return load_data's result; an image folder keeps the input size a bundle recorded
+        (else the network's `input_size`)."""
         size = self.input_size
-        if size is None and recorded is not None and spec.startswith("imagefolder:"):
-            size = recorded.input_size
+        if size is None and spec.startswith("imagefolder:"):
+            size = recorded.input_size if recorded is not None else input_size
         return load_data(spec, self.data_dir, self.download, subset, self.mode, size,
                          self.stats, self.workers, at_most)
 

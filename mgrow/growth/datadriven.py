@@ -101,7 +101,7 @@ def grow(method: str, job: Job, state: dict[str, torch.Tensor],
     data_batches = _Steps(data, job.batch_size, job.seed, job.steps)
     notes = (gradmax if method == "gradmax" else firefly)(wide, data_batches, job)
     images = job.steps * job.batch_size * (2 if method == "firefly" else 1)
-    fwd = forward_flops(job.arch)
+    fwd = forward_flops(job.arch.model_copy(update={"input_size": data.spec.input_size}))
     phase = Phase(operation="fuse", arch=f"{job.arch.name} x{job.arch.width:g} plain "
                   f"({method} growth step)", stage="growth", images=images,
                   forward_flops=fwd, train_flops=3 * fwd * images,

@@ -62,6 +62,7 @@ class Result:
     mixed: bool
     notes: list[str] = field(default_factory=list)
     phase: Phase | None = None  # the growth step's own training FLOPs (data methods)
+    sources: Sources | None = None  # where each channel block's norms came from (common)
     data: DatasetSpec | None = None  # the data the growth step read
 
 
@@ -93,13 +94,25 @@ def old_block(j: int, before: int, m: int) -> int:
     return j % cycle
 
 
-def common(states: list[dict[str, torch.Tensor]], skeleton: torch.nn.Module, g: int,
-            head: str, before: int = 1, m: int = 1) -> dict[str, torch.Tensor]:
-    """Return the grown norm layers and biases (blocks per member; the classifier's mean).
+Sources = list[tuple[int, int]]  # per grown channel block: (member, block of that member)
 
-    `before` > 1: the one member is itself a grid of `before` blocks owned in turn by `m`
-    members, and block j of the grown net is its block old_block(j, before, m).
-    """
+
+def block_sources(g: int, m: int, before: int = 1) -> Sources:
+    """Return where each of a grown net's g channel blocks is carried from, as (member,
+    block of that member): member b mod m's whole width for members grown as they are
+    (every method's first growth, and the plain methods, which treat a grown net as one
+    member of its own width); for a grown net of `before` blocks owned in turn by m members
+    regrown by mixture, its block old_block(b, before, m)."""
+    if before == 1:
+        return [(b % m, 0) for b in range(g)]
+    return [(0, old_block(b, before, m)) for b in range(g)]
+
+
+def common(states: list[dict[str, torch.Tensor]], skeleton: torch.nn.Module, srcs: Sources,
+           head: str) -> dict[str, torch.Tensor]:
+    """Return the grown norm layers and biases, channel block b from `srcs[b]` (see
+    block_sources), and the classifier's bias as the members' mean. The same map is the
+    Result's `sources`: the BN correction fits each block against where it came from."""
     out = {}
     layers = mixed_layers(skeleton)
     for key, ref in skeleton.state_dict().items():
@@ -112,9 +125,8 @@ def common(states: list[dict[str, torch.Tensor]], skeleton: torch.nn.Module, g: 
         elif parts[0].dim() == 0:  # num_batches_tracked
             out[key] = parts[0].clone()
         else:
-            chunks = [c for p in parts for c in p.chunk(before)]
-            out[key] = torch.cat([chunks[old_block(j, before, m)] for j in range(g)]) \
-                if before > 1 else blocks(chunks, g)
+            size = ref.shape[0] // len(srcs)  # channels of one block
+            out[key] = torch.cat([parts[i].reshape(-1, size)[k] for i, k in srcs])
         assert out[key].shape == ref.shape, key
     return out
 

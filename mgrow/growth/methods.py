@@ -44,7 +44,8 @@ from ..data import Data
 from ..errors import MgrowError
 from ..manifest import ArchSpec, Growth, Manifest, MixingSpec
 from . import datadriven
-from .grid import Job, Result, common, grid, grid_size, head_name, plain_state
+from .grid import (Job, Result, Sources, block_sources, common, grid, grid_size, head_name,
+                   plain_state)
 from .inits import INITS
 from .mixture import mixture
 from .norms import correct_norms
@@ -56,6 +57,7 @@ class Grown:
     manifest: Manifest
     tensors: dict[str, torch.Tensor]
     notes: list[str] = field(default_factory=list)
+    sources: Sources | None = None  # where each channel block's norms came from
 
 
 def check_members(members: list[Bundle], factor: int, method: str) -> None:
@@ -142,7 +144,7 @@ def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
     check_tensors(build(arch, mixing, meta=True), result.tensors, "grown network")  # invariant
     if bn_correct:
         result.tensors = _bn_corrected(arch, mixing, result.tensors, members,
-                                       torch.Generator().manual_seed(seed))
+                                       torch.Generator().manual_seed(seed), result.sources)
     growth = Growth(method=method, init=init if method == "mixture" else None, factor=g,
                     members=m, tiling=tiling, seed=seed, noise=noise,
                     rank_notes=tuple(result.notes), bn_correct=bn_correct)
@@ -150,26 +152,30 @@ def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
     for b in members[1:]:
         phases += [p.model_copy(update={"stage": "growth"}) for p in b.manifest.phases]
     phases += [result.phase] if result.phase is not None else []
-    data = next((b.manifest.data for b in members if b.manifest.data is not None), result.data)
+    recorded = next((b.manifest.data for b in members if b.manifest.data is not None),
+                    result.data)
     options = {"factor": g, "tiling": tiling, "init": init, "method": method, "seed": seed,
                "noise": noise, "bn_correct": bn_correct}
-    if result.phase is not None:
-        options |= {"batch_size": batch_size, "growth_steps": steps}
+    if result.phase is not None:  # what the growth step read
+        options |= {"batch_size": batch_size, "growth_steps": steps, "data": result.data.spec,
+                    "train_size": result.data.train_size}
+    if recorded is not None and recorded is result.data:  # the first data recorded: the
+        arch = arch.model_copy(update={"input_size": recorded.input_size})  # size counted
     manifest = first.derived("fuse", options, tuple(b.parent() for b in members), arch=arch,
-                             mixing=mixing, data=data, phases=tuple(phases), growth=growth)
-    return Grown(manifest, result.tensors, result.notes)
+                             mixing=mixing, data=recorded, phases=tuple(phases), growth=growth)
+    return Grown(manifest, result.tensors, result.notes, result.sources)
 
 
 def _bn_corrected(arch: ArchSpec, mixing: MixingSpec | None, tensors: dict[str, torch.Tensor],
-                  members: list[Bundle], gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Return `tensors` with the BN running statistics corrected (growth.norms, data-free)."""
+                  members: list[Bundle], gen: torch.Generator, srcs: Sources
+                  ) -> dict[str, torch.Tensor]:
+    """Return `tensors` with the BN running statistics corrected (growth.norms, data-free),
+    each channel block against the member block its statistics were carried from (`srcs`:
+    the map the method that built the grid used)."""
     model = build(arch, mixing, meta=True).to_empty(device="cpu")
     model.load_state_dict(tensors, strict=True)
-    before = grid(members[0])  # > 1: a grown net grown again: its blocks keep their owners
-    owners = members[0].manifest.mixing.members if before > 1 else 1
     correct_norms(model, [b.model() for b in members],
-                  (arch.in_channels, arch.input_size, arch.input_size), gen, before=before,
-                  owners=owners)
+                  (arch.in_channels, arch.input_size, arch.input_size), gen, sources=srcs)
     stats = {k: v.detach().clone() for k, v in model.state_dict().items()
              if k.endswith((".running_mean", ".running_var"))}
     return {**tensors, **stats}
@@ -177,10 +183,11 @@ def _bn_corrected(arch: ArchSpec, mixing: MixingSpec | None, tensors: dict[str, 
 
 def _data_driven(name: str) -> Callable[[Job], Result]:
     def run(job: Job) -> Result:
-        state = plain_state(job.members[0])
-        return datadriven.grow(name, job, state, common([state], job.skeleton,
-                                                        grid_size(job.skeleton),
-                                                        head_name(job.skeleton)))
+        state, srcs = plain_state(job.members[0]), block_sources(grid_size(job.skeleton), 1)
+        result = datadriven.grow(name, job, state, common([state], job.skeleton, srcs,
+                                                          head_name(job.skeleton)))
+        result.sources = srcs
+        return result
     run.__doc__ = f"{name}: see mgrow.growth.datadriven."
     return run
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..mixing import MixedLayer, mixed_layers
-from .grid import Job, Result, carried, common, grid, grid_size, head_name, old_block, owner
+from .grid import (Job, Result, carried, common, grid, grid_size, head_name, old_block, owner,
+                   block_sources)
 from .inits import INITS
 
 
@@ -21,7 +22,8 @@ def mixture(job: Job) -> Result:
     before = grid(members[0])  # > 1: growing a grown net again, alone
     m = len(members) if before == 1 else members[0].manifest.mixing.members
     head = head_name(skeleton)
-    out = common(states, skeleton, grid_size(skeleton), head, before, m)
+    srcs = block_sources(grid_size(skeleton), m, before)
+    out = common(states, skeleton, srcs, head)
     for n in range(len(skeleton.banks)):
         out[f"banks.{n}"] = torch.cat([s[f"banks.{n}"] for s in states])  # (m, t, o, i, *k)
     layers = mixed_layers(skeleton)
@@ -71,4 +73,4 @@ def mixture(job: Job) -> Result:
         if name == head and before == 1:
             a = a / m  # the classifier averages the members: exact for m = 1, 2 (powers of 2)
         out[f"{name}.alpha"] = a.float()
-    return Result(out, mixed=True, notes=notes)
+    return Result(out, mixed=True, notes=notes, sources=srcs)

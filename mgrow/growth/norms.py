@@ -6,9 +6,10 @@ tiles add to every BN's input, so the statistics no longer describe it and a gro
 evaluates far below what its weights can do (on CIFAR-10 the orthogonal init falls to
 chance until BN is recalibrated).
 
-The correction, derived. Channel k of a grown BN belongs to block b = k // C and so to
-member j = b mod m; its input is u = u_c + u_n, what member j's own layers compute plus
-what the new tiles add. Member j's running statistics (mu, sigma^2) are the moments of u_c
+The correction, derived. Channel k of a grown BN belongs to block b = k // C, whose
+statistics were carried from block `sources[b]` of member j (growth.grid.block_sources: the
+map of the method that built the grid, e.g. member b mod m for a first fuse); its input is
+u = u_c + u_n, what member j's own layers compute plus what the new tiles add. Member j's running statistics (mu, sigma^2) are the moments of u_c
 on the training data; those of u are wanted without data. Model the grown input, per
 channel, as an affine function of the member's, u ~ a u_c + b. Then
 
@@ -52,7 +53,7 @@ import torch
 from torch import nn
 
 from ..data import Data, batches
-from .grid import old_block
+from .grid import Sources
 
 PROXY_IMAGES = 64  # proxy inputs for the correction
 PROXY_STEPS = 30  # Adam steps that distil them from the members' BN statistics
@@ -150,11 +151,11 @@ def proxy_moments(model: nn.Module, x: torch.Tensor,
 
 
 def correct_norms(grown: nn.Module, members: list[nn.Module], input_shape: tuple[int, ...],
-                  gen: torch.Generator, steps: int | None = None, before: int = 1,
-                  owners: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+                  gen: torch.Generator, steps: int | None = None,
+                  sources: Sources | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Set the grown net's BN running statistics by (1)-(2) of the module docstring on a
     proxy distilled in `steps` steps (None: PROXY_STEPS; 0: white noise); return
-    fit_norms's record (`before`, `owners`: a grown member's grid, see fit_norms).
+    fit_norms's record (`sources`: where each block came from, see fit_norms).
 
     `input_shape` (C, H, W) is one input's; PROXY_IMAGES proxy inputs are drawn from `gen`.
     """
@@ -163,17 +164,17 @@ def correct_norms(grown: nn.Module, members: list[nn.Module], input_shape: tuple
     shape = (PROXY_IMAGES, *input_shape)
     steps = PROXY_STEPS if steps is None else steps
     x = distilled_inputs(members, shape, gen, steps) if steps else proxy_inputs(shape, gen)
-    return fit_norms(grown, members, x, before, owners)
+    return fit_norms(grown, members, x, sources)
 
 
-def fit_norms(grown: nn.Module, members: list[nn.Module], x: torch.Tensor, before: int = 1,
-              owners: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+def fit_norms(grown: nn.Module, members: list[nn.Module], x: torch.Tensor,
+              sources: Sources | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Set the grown net's BN running statistics by (1)-(2) fitted on proxy inputs `x`;
     return the proxy moments per layer: {name: {a, b, member_mean, member_var, mean, var}}.
 
-    Channel block j of the grown net is member j mod m's; `before` > 1: the one member is a
-    grown net of `before` blocks owned in turn by `owners` members, and block j is its block
-    growth.grid.old_block(j) (as the grown statistics themselves: growth.grid.common)."""
+    Channel block b of the grown net is fitted against `sources[b]` = (member, block of that
+    member): the map the method that built the grid carried the statistics by
+    (growth.grid.block_sources, Result.sources). None: block b is member b mod m's whole width."""
     m = len(members)
     ref = [proxy_moments(member, x) for member in members]
     stats = [{n: (layer.running_mean.double(), layer.running_var.double())
@@ -181,13 +182,12 @@ def fit_norms(grown: nn.Module, members: list[nn.Module], x: torch.Tensor, befor
     fits: dict[str, dict[str, torch.Tensor]] = {}
 
     def correct(name: str, layer: Norm, u: torch.Tensor) -> None:
-        g = layer.num_features // ref[0][name][0].numel()
+        srcs = sources or [(b % m, 0) for b in range(
+            layer.num_features // ref[0][name][0].numel())]
+        size = layer.num_features // len(srcs)  # channels of one block
 
         def blocks(parts: list[torch.Tensor]) -> torch.Tensor:
-            if before == 1:  # block b from member b mod m
-                return torch.cat([parts[b % m] for b in range(g)])
-            old = parts[0].chunk(before)
-            return torch.cat([old[old_block(b, before, owners)] for b in range(g * before)])
+            return torch.cat([parts[i].reshape(-1, size)[k] for i, k in srcs])
         m_c, v_c = (blocks([r[name][i] for r in ref]) for i in (0, 1))
         mu, var = (blocks([s[name][i] for s in stats]) for i in (0, 1))
         mean_u, var_u = _moments(u)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..mixing import MixedLayer, init_weight_, mixed_layers
-from .grid import Job, Result, common, grid_size, head_name, plain_state, tile_weights
+from .grid import (Job, Result, block_sources, common, grid_size, head_name, plain_state,
+                   tile_weights)
 
 
 def random_growth(job: Job) -> Result:
@@ -29,9 +30,10 @@ def random_growth(job: Job) -> Result:
         o, i = layer.tile_shape[:2]
         return fresh[name][r * o:(r + 1) * o, c * i:(c + 1) * i]
 
-    tensors = {**common(states, skeleton, g, head_name(skeleton)),
+    srcs = block_sources(g, len(states))
+    tensors = {**common(states, skeleton, srcs, head_name(skeleton)),
                **tile_weights(skeleton, states, fill)}
-    return Result(tensors, mixed=False)
+    return Result(tensors, mixed=False, sources=srcs)
 
 
 def net2net(job: Job) -> Result:
@@ -43,9 +45,10 @@ def net2net(job: Job) -> Result:
         jitter = torch.randn(member.shape, generator=gen) * (job.noise * float(member.std()))
         return member + jitter
 
-    out = {**common([state], skeleton, g, head_name(skeleton)),
+    srcs = block_sources(g, 1)
+    out = {**common([state], skeleton, srcs, head_name(skeleton)),
            **tile_weights(skeleton, [state], fill)}
     for name, layer in mixed_layers(skeleton).items():
         if layer.grid[1] > 1:  # inputs replicated g times: divide to keep the function
             out[f"{name}.weight"] = out[f"{name}.weight"] / layer.grid[1]
-    return Result(out, mixed=False)
+    return Result(out, mixed=False, sources=srcs)

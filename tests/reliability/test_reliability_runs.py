@@ -5,7 +5,8 @@
   at once, and no writer's clean-up removes another's live temporary file.
 - Output names are refused up front when a side file's name would exceed NAME_MAX, so a
   file mgrow writes is always one it can read back.
-- A closed stdout never crashes (at import or on print).
+- A closed stdout never crashes (at import or on print); a command whose product is
+  stdout ends in one line and status 1 (write error), one whose product is a file succeeds.
 - The last resort: an unforeseen exception is one line naming the command, the exception
   and --debug.
 """
@@ -207,10 +208,22 @@ CLOSED = {
 
 
 @pytest.mark.parametrize("name", CLOSED)
-def test_closed_stdout_is_silent_success(tmp_path, name):
+def test_closed_stdout_is_a_write_error(tmp_path, name):
+    """Each of these prints its product on stdout, so a stdout closed at start loses it: as
+    GNU tools do (`ls >&-`: "write error"), one line and status 1. (It was a silent success
+    until issue 25; the crash this guards against, at import or on print, stays fixed:
+    one line, no traceback.) tests/test_outputs.py covers the other commands."""
     write_bundle(tmp_path / "good.safetensors")
     run = _shell(CLOSED[name], tmp_path)
+    assert (run.returncode, run.stderr) == (1, "mgrow: error: write error: stdout is closed\n")
+
+
+def test_closed_stdout_of_a_writer_is_silent_success(tmp_path):
+    """A command whose product is a file writes it; only its report (`wrote X`) is lost."""
+    write_bundle(tmp_path / "good.safetensors")
+    run = _shell(f"{MGROW} export good.safetensors -o plain.safetensors >&-", tmp_path)
     assert (run.returncode, run.stderr) == (0, "")
+    assert (tmp_path / "plain.safetensors").is_file()
 
 
 def test_stdout_closed_by_its_reader(tmp_path):
