@@ -152,14 +152,16 @@ def _few(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def header(data: bytes, where: object) -> dict:
-    """Return the JSON header of a safetensors file, or raise MgrowError."""
-    if len(data) < 8:
-        raise MgrowError(f"{where}: not a safetensors file (only {len(data)} bytes)")
+def header(data: bytes, where: object, size: int | None = None) -> dict:
+    """Return the JSON header of a safetensors file, or raise MgrowError; `data` is the
+    whole file, or (given the file's `size`) its start, header included."""
+    size = len(data) if size is None else size
+    if size < 8:
+        raise MgrowError(f"{where}: not a safetensors file (only {size} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
+    if n > size - 8:
         raise MgrowError(f"{where}: not a safetensors file, or truncated (header of {n} "
-                         f"bytes, file of {len(data)})")
+                         f"bytes, file of {size})")
     if n > MAX_HEADER_BYTES:
         raise MgrowError(f"{where}: not a safetensors file (header of {n:,} bytes exceeds "
                          f"the limit of {MAX_HEADER_BYTES:,})")
@@ -219,21 +221,15 @@ def load(path: str | os.PathLike) -> Bundle:
 def _read_header(path: str | os.PathLike) -> dict:
     """Return the JSON header of the safetensors file at `path`, reading only the header."""
     chunks = read_chunks(path, 8)  # one-line errors: missing, a folder, unreadable
-    first = next(chunks, b"")
+    start = next(chunks, b"")
     chunks.close()
     size = os.stat(path).st_size
-    if len(first) < 8:
-        return header(first, path)  # raises: too short
-    (n,) = struct.unpack("<Q", first)
-    if n > size - 8:
-        raise MgrowError(f"{path}: not a safetensors file, or truncated (header of {n} "
-                         f"bytes, file of {size})")
-    if n > MAX_HEADER_BYTES:
-        raise MgrowError(f"{path}: not a safetensors file (header of {n:,} bytes exceeds "
-                         f"the limit of {MAX_HEADER_BYTES:,})")
-    with open(path, "rb") as f:
-        f.seek(8)
-        return header(first + f.read(n), path)
+    n = struct.unpack("<Q", start)[0] if len(start) == 8 else 0
+    if 0 < n <= min(size - 8, MAX_HEADER_BYTES):  # else header() says what is wrong
+        with open(path, "rb") as f:
+            f.seek(8)
+            start += f.read(n)
+    return header(start, path, size)
 
 
 def _manifest(head: dict, path: str | os.PathLike) -> Manifest:

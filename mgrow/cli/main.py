@@ -84,7 +84,7 @@ def _run() -> int:
     except Exception as e:  # the last resort: one line, never a traceback
         if "--debug" in sys.argv:
             raise
-        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "mgrow")
+        command = _command() or "mgrow"
         what = " ".join(str(e).split())[:200]
         return _error(f"{command} failed unexpectedly: {type(e).__name__}"
                       f"{': ' + what if what else ''} (run again with --debug for the "
@@ -150,11 +150,14 @@ def _closed_stdout(code: int) -> int:
     WRITERS) on a stdout closed at start, as GNU tools end in `write error`; else `code`."""
     if code != 0 or not isinstance(sys.stdout, _ClosedStdout) or not sys.stdout.wrote:
         return code
-    args = sys.argv[1:]
-    command = next((a for a in args if not a.startswith("-")), None)
-    if command in WRITERS and "--help" not in args:
+    if _command() in WRITERS and "--help" not in sys.argv[1:]:
         return code
     return _error("write error: stdout is closed", 1)
+
+
+def _command() -> str | None:
+    """Return the command named on the command line (its first word that is no option)."""
+    return next((a for a in sys.argv[1:] if not a.startswith("-")), None)
 
 
 def _flush_stdout() -> None:

@@ -9,8 +9,9 @@ chance until BN is recalibrated).
 The correction, derived. Channel k of a grown BN belongs to block b = k // C, whose
 statistics were carried from block `sources[b]` of member j (growth.grid.block_sources: the
 map of the method that built the grid, e.g. member b mod m for a first fuse); its input is
-u = u_c + u_n, what member j's own layers compute plus what the new tiles add. Member j's running statistics (mu, sigma^2) are the moments of u_c
-on the training data; those of u are wanted without data. Model the grown input, per
+u = u_c + u_n, what member j's own layers compute plus what the new tiles add. Member
+j's running statistics (mu, sigma^2) are the moments of u_c on the training data; those
+of u are wanted without data. Model the grown input, per
 channel, as an affine function of the member's, u ~ a u_c + b. Then
 
     E[u] = a mu + b,   Var[u] = a^2 sigma^2                                       (1)
