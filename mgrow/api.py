@@ -43,7 +43,7 @@ from .engine import Progress, TrainConfig
 from .errors import MgrowError
 from .files import check_writable, sha256_file, write_atomic
 from .flops import ledger, param_counts
-from .growth import INITS, METHODS
+from .growth import INITS, NAMES
 from .manifest import Lineage
 from .phases import Outcome, grown_output
 from .similarity import CkaResult
@@ -147,7 +147,7 @@ Norm = Literal["every", "block"]
 Sharing = Literal["pairs", "none"]
 Tiling = Literal["vertical", "horizontal"]
 Init = Literal[tuple(INITS)]  # type: ignore[valid-type]  # the growth layer's own tables
-Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+Method = Literal[NAMES]  # type: ignore[valid-type]
 # the command line's upper bounds of the knobs, which TrainConfig leaves open
 _KNOB_MAX = {"epochs": L.MAX_EPOCHS, "lr": L.MAX_LR, "batch_size": L.MAX_BATCH, "seed": L.MAX_SEED,
              "weight_decay": L.MAX_WEIGHT_DECAY, "warmup_epochs": L.MAX_EPOCHS}
@@ -404,14 +404,16 @@ def _line(e: Exception) -> str:
 
 @checked
 def cka(a: BundleIn, b: BundleIn, data: MaybeDataIn = None, images: CkaImages | None = None,
-        device: str = "cpu") -> CkaResult:
+        device: str = "cpu", debiased: bool = False) -> CkaResult:
     """Return linear CKA between every feature layer of A and of B (`mgrow cka`).
 
     Both run on the first `images` test images of `data` (default: A's data set; default
     count: 512, or the whole test split if it is smaller), each normalised as it records.
     The result's `.matrix[i][j]` compares A's layer `.layers_a[i]` with B's
-    `.layers_b[j]`; `.matched()` gives the layers present in both under one name. Images
-    whose n x n Gram matrices would not fit the memory are refused before any forward pass.
+    `.layers_b[j]`; `.matched()` gives the layers present in both under one name; `.floor`
+    is the matrix with B's images shuffled (what no similarity reads); `debiased` uses the
+    unbiased HSIC (>= 4 images). Images whose n x n Gram matrices would not fit the memory
+    are refused before any forward pass.
     """
     from .arch import build
     from .data import with_normalisation
@@ -429,7 +431,7 @@ def cka(a: BundleIn, b: BundleIn, data: MaybeDataIn = None, images: CkaImages | 
                    data_, n, dev)
     data_b = data_ if bb.manifest.data is None else with_normalisation(data_, bb.manifest.data)
     x, xb = first_images(data_, n).to(dev), first_images(data_b, n).to(dev)
-    return cka_models(ba.model().to(dev), bb.model().to(dev), x, xb)
+    return cka_models(ba.model().to(dev), bb.model().to(dev), x, xb, debiased)
 
 
 @checked

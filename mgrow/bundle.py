@@ -289,6 +289,35 @@ def save_model(path: str | os.PathLike, manifest: Manifest, model: nn.Module,
     return save(path, manifest, model.state_dict(), force)
 
 
+def export_program(path: str | os.PathLike, output: str | os.PathLike,
+                   force: bool = False) -> Path:
+    """Write a bundle's plain network as a `torch.export` program (`.pt2`): anyone loads it
+    with `torch.export.load(output).module()`, without mgrow. Traced at batch 1 and the
+    manifest's input size (both fixed in the program)."""
+    import io
+
+    from .arch import build
+    from .mixing import plain_state_dict
+    check_writable(output, force)
+    with writer_lock(output):
+        bundle = load(path)
+        arch = bundle.manifest.arch
+        model = bundle.model()
+        if bundle.manifest.mixing is not None:
+            state = plain_state_dict(model)
+            model = build(arch, None, meta=True).to_empty(device="cpu")
+            model.load_state_dict(state, strict=True)
+        x = torch.zeros(1, arch.in_channels, arch.input_size, arch.input_size)
+        try:
+            program = torch.export.export(model.eval(), (x,))
+        except Exception as e:  # torch.export's own errors are many and unrelated
+            raise MgrowError(f"{path}: torch.export cannot trace this network: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
+        return write_atomic(output, buf.getvalue(), force=force)
+
+
 def export_plain(path: str | os.PathLike, output: str | os.PathLike, force: bool = False) -> Path:
     """Write a bundle's plain network (generated weights, no templates) as a plain bundle.
 

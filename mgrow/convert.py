@@ -221,16 +221,17 @@ def check_family(state: dict[str, torch.Tensor], arch_name: str, src: object) ->
     one mgrow does not build (named), or another one it does (pass that --arch)."""
     from .arch import NAMES
     family = torchvision_family(state)
-    if family is None or family == arch_name or arch_name.startswith("wrn-"):
-        return
+    if family is None or family == arch_name or arch_name.startswith(("wrn-", "torchvision:",
+                                                                          "timm:")):
+        return  # a builder's network: the tensor check against it names any mismatch
     if family in NAMES:
         raise MgrowError(f"{src}: looks like torchvision's {family}, not {arch_name}: pass "
                          f"--arch {family}")
-    raise MgrowError(f"{src}: looks like torchvision's {family}, which mgrow does not build "
-                     f"(it builds {', '.join(NAMES)})")
+    raise MgrowError(f"{src}: looks like torchvision's {family}, which mgrow's own families "
+                     f"do not include: pass --arch torchvision:{family}")
 
 
-FAMILY_INPUT = {"resnet": 224, "vgg": 224, "wrn": 32}  # default --input-size (FLOPs) by family
+FAMILY_INPUT = {"resnet": 224, "vgg": 224, "wrn": 32, "torchvision:": 224, "timm:": 224}
 
 
 def default_input_size(arch_name: str) -> int:
@@ -242,7 +243,8 @@ def _edges(arch: ArchSpec) -> tuple[str, str]:
     """Return the state_dict keys of the network's first convolution and its classifier."""
     model = build(arch.model_copy(update={"num_classes": 1}), meta=True)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    heads = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+             and m.weight.shape[0] == 1]  # the classifier: one class asked for
     return convs[0] + ".weight", heads[-1] + ".weight"
 
 
@@ -251,7 +253,7 @@ def read_shape(state: dict[str, torch.Tensor], arch: ArchSpec) -> tuple[int | No
     """Return (classes, input channels) as the checkpoint's classifier and stem say; None
     for what it lacks (the tensor check then names the missing or misshapen key)."""
     stem, head = _edges(arch)
-    classes = state[head].shape[0] if head in state and state[head].dim() == 2 else None
+    classes = state[head].shape[0] if head in state and state[head].dim() >= 2 else None
     channels = state[stem].shape[1] if stem in state and state[stem].dim() == 4 else None
     return classes, channels
 
@@ -358,11 +360,13 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     normalises with what the bundle records). Keys outside the model (model_state) are
     named in one `note:` line on stderr once the bundle is written.
     """
-    from .arch import check_name
+    from .arch import check_name, is_traced
     from .bundle import save
     from .files import check_writable, sha256_file, writer_lock
     check_name(arch_name)
     check_writable(output, force)
+    if is_traced(arch_name):  # builders' networks are plain (template-mixed twins: to come)
+        mixing = None
     if normalisation is not None and data is None:
         raise MgrowError("--mean/--std say how the checkpoint's data was normalised: "
                          "name that data set with --data too")

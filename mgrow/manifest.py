@@ -17,8 +17,8 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import limits as L
 
-FORMAT_VERSION = 2  # 2: `reference_epochs`; version 1 manifests are read as version 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: `reference_epochs`; 3: `ArchSpec.options` (builders' networks)
+READABLE_VERSIONS = (1, 2, 3)  # older manifests are read as the current version
 
 
 class _Strict(BaseModel):
@@ -27,15 +27,21 @@ class _Strict(BaseModel):
                               str_max_length=4096)
 
 
+Option = Annotated[str, Field(max_length=256)] | bool | int | float
+
+
 class ArchSpec(_Strict):
     """Which network: a registry name plus the knobs every family understands."""
 
-    name: str = Field(max_length=64)  # registry name: wrn-D-K, resnet18/34/50, vgg11_bn
+    # registry name (wrn-D-K, resnet18/34/50, vgg11_bn) or a builder's: torchvision:NAME,
+    # timm:NAME (mgrow.arch.zoo), whose keyword arguments are `options`
+    name: str = Field(max_length=128)
     width: float = Field(1.0, gt=0, le=L.MAX_WIDTH)  # multiplies every channel count
     num_classes: int = Field(10, ge=1, le=L.MAX_CLASSES)
     in_channels: int = Field(3, ge=1, le=L.MAX_CHANNELS)
     input_size: int = Field(32, ge=8, le=L.MAX_INPUT_SIZE)
     norm: Literal["every", "block"] = "every"  # WRN only: BN before every conv or per block
+    options: dict[Annotated[str, Field(max_length=64)], Option] = Field({}, max_length=32)
 
     def widened(self, factor: int) -> ArchSpec:
         """Return this spec with every layer `factor` times wider."""
@@ -137,7 +143,7 @@ class Phase(_Strict):
 class Growth(_Strict):
     """What `fuse` did: grid, ownership, initialiser, method, seed."""
 
-    method: Literal["mixture", "random", "net2net", "gradmax", "firefly"]
+    method: Literal["mixture", "random", "net2net", "gradmax", "firefly", "zero"]
     init: str | None = Field(max_length=64)
     factor: int = Field(ge=2, le=L.MAX_FACTOR)
     members: int = Field(ge=1, le=L.MAX_FACTOR)
@@ -163,8 +169,9 @@ class Manifest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _upgrade(cls, raw: Any) -> Any:
-        """Return a version 1 manifest as version 2 (which only added reference_epochs)."""
-        if isinstance(raw, dict) and raw.get("format_version") == 1:
+        """Return an older manifest as the current version (each version only added an
+        optional field: reference_epochs, then ArchSpec.options)."""
+        if isinstance(raw, dict) and raw.get("format_version") in READABLE_VERSIONS:
             return {**raw, "format_version": FORMAT_VERSION}
         return raw
 

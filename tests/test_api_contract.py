@@ -12,16 +12,13 @@ Real bundles on disk (conftest.make_bundle), the built-in digits, no mocks.
 from __future__ import annotations
 
 import inspect
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_bundle, run_cli
+from conftest import make_bundle, run_main
 
 import mgrow
 from mgrow import api
@@ -247,10 +244,10 @@ def test_info_loads_each_parent_once(tmp_path, monkeypatch):
             assert p["found_at"] == first["found_at"] and p["sha256"] == first["sha256"]
         lin, depth = first["lineage"], depth + 1
     assert depth == 3 and lin["operation"] == "init"
-    r = run_cli("info", chain[-1])  # the tree's lines may fold at 160 columns in a pipe
+    r = run_main("info", chain[-1])  # the tree's lines may fold at 160 columns in a pipe
     assert r.returncode == 0, r.stderr
     assert " ".join(r.stdout.split()).count("the same as above") >= 1
-    r = run_cli("info", chain[-1], "--json")
+    r = run_main("info", chain[-1], "--json")
     assert r.returncode == 0 and r.stdout.count('"seen_above": true') == 3 * 15
 
 
@@ -267,7 +264,7 @@ def test_info_marks_a_parent_it_cannot_read(tmp_path):
     [parent] = res["lineage"]["parents"]
     assert parent["status"] == "unreadable" and "\n" not in parent["reason"]
     assert str(pth) in parent["reason"] or pth.name in parent["reason"]
-    r = run_cli("info", conv)
+    r = run_main("info", conv)
     assert r.returncode == 0, r.stderr
     assert "unreadable: " in r.stdout and "not a safetensors file" in r.stdout
 
@@ -311,8 +308,6 @@ def test_cka_refuses_images_whose_grams_do_not_fit(pair, monkeypatch):
     finally:
         handle.remove()
     # the CLI shares the refusal
-    env = {**os.environ, "MGROW_MEMORY_LIMIT": "3M", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "mgrow", "cka", str(a), str(b), "--data",
-                        "digits", "--images", "300"], capture_output=True, text=True,
-                       env=env, timeout=300, check=False)
+    r = run_main("cka", a, b, "--data", "digits", "--images", "300",
+                 env={"MGROW_MEMORY_LIMIT": "3M"})
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "--images 300" in r.stderr

@@ -17,7 +17,7 @@ from mgrow.manifest import ArchSpec
 from mgrow.growth import norms
 from mgrow.growth.norms import norm_layers, proxy_moments, recalibrate
 from mgrow.data import DataSource
-from mgrow.phases import finetune, train_new
+from mgrow.phases import finetune
 
 from conftest import make_bundle
 
@@ -140,12 +140,10 @@ def test_recalibration_changes_only_bn_buffers_to_the_batch_statistics(members):
     assert bn.momentum == 0.1  # restored
 
 
-def test_finetune_recalibrates_first_and_charges_the_ledger(tmp_path):
+def test_finetune_recalibrates_first_and_charges_the_ledger(digits_200, tmp_path):
     cfg = TrainConfig(epochs=1, batch_size=50, device="cpu", eval_every_epoch=False)
-    small = tmp_path / "small.safetensors"
-    train_new("wrn-10-1", DataSource("digits", subset=200), cfg, small, progress="quiet")
     out = tmp_path / "ft.safetensors"
-    finetune(small, DataSource(), cfg, out, bn_recalibrate=3, progress="quiet")
+    finetune(digits_200, DataSource(), cfg, out, bn_recalibrate=3, progress="quiet")
     rows = load(out).manifest.phases
     assert [r.operation for r in rows] == ["train", "bn-recalibrate", "finetune"]
     assert rows[1].images == 150 and rows[1].train_flops == rows[1].forward_flops * 150

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from mgrow import MgrowError
 from mgrow.bundle import META_KEY, load, save, to_bytes
-from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec, Parent, Phase
+from mgrow.manifest import FORMAT_VERSION, ArchSpec, Lineage, Manifest, MixingSpec, Parent, Phase
 
 from conftest import make_bundle
 
@@ -69,8 +69,9 @@ def _bad_files(bundle_file, d):
         cases[d / f"cut{cut}.safetensors"] = "(not a safetensors|truncated|corrupt)"
     safetensors.torch.save_file({"w": torch.zeros(2)}, d / "foreign.safetensors")
     cases[d / "foreign.safetensors"] = "without an mgrow manifest"
-    cases[_with_manifest(bundle_file, d / "v2.safetensors",
-                         lambda m: m.update(format_version=3))] = "format version 3"
+    future = FORMAT_VERSION + 1  # a manifest from a later mgrow
+    cases[_with_manifest(bundle_file, d / "future.safetensors",
+                         lambda m: m.update(format_version=future))] = f"format version {future}"
     cases[_with_manifest(bundle_file, d / "nofield.safetensors",
                          lambda m: m.pop("lineage"))] = "invalid manifest: lineage"
     cases[_with_manifest(bundle_file, d / "type.safetensors",

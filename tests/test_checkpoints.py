@@ -21,7 +21,7 @@ import torchvision
 from mgrow.bundle import load
 from mgrow.convert import read_checkpoint
 
-from conftest import randomize_norms, run_cli
+from conftest import randomize_norms, run_main
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,7 +34,7 @@ def _resnet18(seed: int) -> torch.nn.Module:
 
 
 def _convert(src, out, *extra):
-    return run_cli("convert", src, "--arch", "resnet18", "-o", out, *extra)
+    return run_main("convert", src, "--arch", "resnet18", "-o", out, *extra)
 
 
 def _assert_exact(out, tv, x) -> None:
@@ -124,7 +124,7 @@ def test_checkpoint_needing_another_class_is_refused_naming_it(tmp_path, monkeyp
     finally:
         sys.modules.pop("mgrow_client_pkg", None)
     out = tmp_path / "o.safetensors"
-    r = run_cli("convert", tmp_path / "c.pth", "--arch", "resnet18", "-o", out, cwd=tmp_path)
+    r = run_main("convert", tmp_path / "c.pth", "--arch", "resnet18", "-o", out, cwd=tmp_path)
     assert r.returncode == 2
     assert len(r.stderr.splitlines()) == 1, r.stderr
     assert r.stderr.startswith(f"mgrow: error: {tmp_path / 'c.pth'}: refused to load: it needs "

@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 
-from conftest import make_bundle, run_cli
+from conftest import make_bundle, run_main
 
 from mgrow.cli import PIPELINE, app
 from mgrow.manifest import ArchSpec
@@ -27,12 +27,12 @@ def test_fuse_without_output_writes_a_new_name_next_to_a(tmp_path):
     make_bundle(folder / "b.safetensors", arch, seed=1)
     work = tmp_path / "work"
     work.mkdir()
-    first = run_cli("fuse", folder / "a.safetensors", folder / "b.safetensors", cwd=work)
+    first = run_main("fuse", folder / "a.safetensors", folder / "b.safetensors", cwd=work)
     assert first.returncode == 0, first.stderr
     grown = folder / "a-grown.safetensors"
     assert f"wrote {grown}" in first.stdout
     before = grown.read_bytes()
-    second = run_cli("fuse", folder / "a.safetensors", "--init", "zero", cwd=work)
+    second = run_main("fuse", folder / "a.safetensors", "--init", "zero", cwd=work)
     assert second.returncode == 0, second.stderr
     assert grown.read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -41,7 +41,7 @@ def test_fuse_without_output_writes_a_new_name_next_to_a(tmp_path):
 
 
 def _help(*args: str) -> str:
-    res = run_cli(*args, "--help")
+    res = run_main(*args, "--help")
     assert res.returncode == 0, res.stderr
     return res.stdout
 
@@ -79,8 +79,8 @@ LINE = re.compile(r"epoch (\d+)/3  loss (\d+\.\d{4})  acc (\d+\.\d\d)%  lr (\S+)
 def test_unattended_log_lines_and_summary_csv(tmp_path):
     """stderr not a terminal: one plain line per epoch (no bar, no escape codes) whose
     numbers are the metrics records'; OUT.summary.csv has one row per epoch, the same."""
-    res = run_cli("train", "--arch", "wrn-10-1", "--data", "digits", "--subset", "64",
-                  "--batch-size", "16", "--epochs", "3", "-o", "out.safetensors", cwd=tmp_path)
+    res = run_main("train", "--arch", "wrn-10-1", "--data", "digits", "--subset", "64",
+                   "--batch-size", "16", "--epochs", "3", "-o", "out.safetensors", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     lines = res.stderr.splitlines()
     assert len(lines) == 3 and "\x1b" not in res.stderr and "\r" not in res.stderr
@@ -136,10 +136,10 @@ def test_lock_files_and_odd_names_are_handled(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / ".out.safetensors.lock").symlink_to(victim)
-    r = run_cli("export", a.path, "-o", tmp_path / "out.safetensors")
+    r = run_main("export", a.path, "-o", tmp_path / "out.safetensors")
     assert r.returncode == 2 and "a symbolic link, not mgrow's lock" in r.stderr, r.stderr
     assert victim.read_text() == "precious" and not (tmp_path / "out.safetensors").exists()
-    r = run_cli("fuse", a.path, a.path, "-o", tmp_path / "twin.safetensors")
+    r = run_main("fuse", a.path, a.path, "-o", tmp_path / "twin.safetensors")
     assert r.returncode == 2 and "with itself" in r.stderr, r.stderr
     odd = os.fsencode(tmp_path) + b"/bad\xff.safetensors"
     r = subprocess.run([sys.executable, "-m", "mgrow", "export", str(a.path), "-o", odd],
@@ -153,6 +153,6 @@ def test_lock_files_and_odd_names_are_handled(tmp_path):
         update={"parents": (Parent(sha256="0" * 64, path="x" * 300),)})
     save(tmp_path / "long.safetensors", a.manifest.model_copy(update={"lineage": lineage}),
          a.tensors)
-    r = run_cli("info", tmp_path / "long.safetensors", "--json")
+    r = run_main("info", tmp_path / "long.safetensors", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["lineage"]["parents"][0]["status"] == "missing"

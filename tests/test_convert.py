@@ -14,7 +14,7 @@ from mgrow.convert import convert_state, read_checkpoint
 from mgrow.manifest import ArchSpec, MixingSpec
 from mgrow.mixing import mixed_layers
 
-from conftest import randomize_norms, run_cli
+from conftest import randomize_norms, run_main
 
 ARCHS = [
     ArchSpec(name="wrn-16-2"),
@@ -69,7 +69,7 @@ def test_checkpoint_without_bn_counters_converts(tmp_path, cifar_batch):
         ref = tv(cifar_batch)
     for extra in ((), ("--plain",)):
         out = tmp_path / f"old{len(extra)}.safetensors"
-        r = run_cli("convert", tmp_path / "old.pth", "--arch", "resnet18", "-o", out, *extra)
+        r = run_main("convert", tmp_path / "old.pth", "--arch", "resnet18", "-o", out, *extra)
         assert r.returncode == 0, r.stderr
         bundle = load(out)
         counters = [v for k, v in bundle.tensors.items() if k.endswith("num_batches_tracked")]
@@ -116,8 +116,8 @@ def test_cli_convert_formats(tmp_path, cifar_batch):
     with torch.no_grad():
         ref = plain(cifar_batch)
     for src in ("a.pth", "b.pt", "c.safetensors"):
-        r = run_cli("convert", tmp_path / src, "--arch", "wrn-16-2", "--width", "0.5",
-                    "-o", tmp_path / f"{src}.out.safetensors")
+        r = run_main("convert", tmp_path / src, "--arch", "wrn-16-2", "--width", "0.5",
+                     "-o", tmp_path / f"{src}.out.safetensors")
         assert r.returncode == 0, r.stderr
         bundle = load(tmp_path / f"{src}.out.safetensors")
         assert bundle.manifest.lineage.operation == "convert"
@@ -138,16 +138,16 @@ def test_bad_checkpoints_one_line_errors(tmp_path):
         torch.save(state, tmp_path / name)
         with pytest.raises(MgrowError, match=message.replace("(", r"\(").replace(")", r"\)")):
             convert_state(read_checkpoint(tmp_path / name), arch, MixingSpec())
-    r = run_cli("convert", tmp_path / "extra.pt", "--arch", "wrn-16-2", "--width", "0.5",
-                "-o", tmp_path / "out.safetensors")
+    r = run_main("convert", tmp_path / "extra.pt", "--arch", "wrn-16-2", "--width", "0.5",
+                 "-o", tmp_path / "out.safetensors")
     assert r.returncode != 0 and "unexpected head.weight" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "out.safetensors").exists()
-    r = run_cli("convert", tmp_path / "missing.pt", "--arch", "mobilenet", "-o",
-                tmp_path / "out.safetensors")
+    r = run_main("convert", tmp_path / "missing.pt", "--arch", "mobilenet", "-o",
+                 tmp_path / "out.safetensors")
     assert r.returncode == 2 and "unknown architecture 'mobilenet'" in r.stderr
-    r = run_cli("convert", tmp_path / "extra.pt", "--arch", "wrn-16-2", "--width", "0.5",
-                "--num-classes", "100", "-o", tmp_path / "out.safetensors")
+    r = run_main("convert", tmp_path / "extra.pt", "--arch", "wrn-16-2", "--width", "0.5",
+                 "--num-classes", "100", "-o", tmp_path / "out.safetensors")
     assert r.returncode == 2 and "checkpoint has 10 classes but --num-classes is 100" in r.stderr
 
 
@@ -157,8 +157,8 @@ def test_pickle_that_executes_code_is_refused(tmp_path):
             return (exec, ("open('pwned', 'w').write('x')",))
 
     torch.save({"state_dict": Evil()}, tmp_path / "evil.pt")
-    r = run_cli("convert", tmp_path / "evil.pt", "--arch", "wrn-16-2", "-o",
-                tmp_path / "out.safetensors", cwd=tmp_path)
+    r = run_main("convert", tmp_path / "evil.pt", "--arch", "wrn-16-2", "-o",
+                 tmp_path / "out.safetensors", cwd=tmp_path)
     assert r.returncode == 2 and "refused" in r.stderr
     assert not (tmp_path / "pwned").exists()
 

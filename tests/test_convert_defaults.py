@@ -14,7 +14,7 @@ import torchvision
 from mgrow.bundle import load
 from mgrow.convert import strip_wrappers, torchvision_family
 
-from conftest import run_cli
+from conftest import run_main
 
 
 def _fvcore(model: torch.nn.Module, size: int) -> int:
@@ -33,11 +33,11 @@ def test_torchvision_resnet18_converts_and_counts_without_flags(tmp_path, cifar_
     torch.save({"state_dict": {f"model._orig_mod.{k}": v for k, v in tv.state_dict().items()},
                 "epoch": 89}, tmp_path / "r18.ckpt")
     out = tmp_path / "r18.safetensors"
-    r = run_cli("convert", tmp_path / "r18.ckpt", "--arch", "resnet18", "-o", out)
+    r = run_main("convert", tmp_path / "r18.ckpt", "--arch", "resnet18", "-o", out)
     assert r.returncode == 0, r.stderr
     arch = load(out).manifest.arch
     assert (arch.num_classes, arch.in_channels, arch.input_size) == (1000, 3, 224)
-    r = run_cli("flops", out, "--json")
+    r = run_main("flops", out, "--json")
     assert r.returncode == 0, r.stderr
     flops = json.loads(r.stdout)["forward_flops"]
     assert flops == _fvcore(tv, 224)  # fvcore on torchvision's own model
@@ -53,7 +53,7 @@ def test_wrn_defaults_to_32_pixels(tmp_path):
     from mgrow.manifest import ArchSpec
     state = build(ArchSpec(name="wrn-10-1", num_classes=7, in_channels=1)).state_dict()
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "w.pt")
-    r = run_cli("convert", tmp_path / "w.pt", "--arch", "wrn-10-1", "-o", tmp_path / "w.st")
+    r = run_main("convert", tmp_path / "w.pt", "--arch", "wrn-10-1", "-o", tmp_path / "w.st")
     assert r.returncode == 0, r.stderr
     arch = load(tmp_path / "w.st").manifest.arch
     assert (arch.num_classes, arch.in_channels, arch.input_size) == (7, 1, 32)
@@ -93,11 +93,11 @@ def test_torchvision_families_are_recognised(factory, name):
 def test_refusals_name_the_family(tmp_path):
     torch.manual_seed(0)
     torch.save(torchvision.models.squeezenet1_1().state_dict(), tmp_path / "sq.pth")
-    r = run_cli("convert", tmp_path / "sq.pth", "--arch", "resnet50", "-o", tmp_path / "o.st")
+    r = run_main("convert", tmp_path / "sq.pth", "--arch", "resnet50", "-o", tmp_path / "o.st")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "looks like torchvision's squeezenet, which mgrow does not build" in r.stderr
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "r.pth")
-    r = run_cli("convert", tmp_path / "r.pth", "--arch", "resnet34", "-o", tmp_path / "o.st")
+    r = run_main("convert", tmp_path / "r.pth", "--arch", "resnet34", "-o", tmp_path / "o.st")
     assert r.returncode == 2 and "looks like torchvision's resnet18, not resnet34: pass " \
         "--arch resnet18" in r.stderr
     assert not (tmp_path / "o.st").exists()

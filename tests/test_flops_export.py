@@ -14,7 +14,7 @@ from mgrow.bundle import load, save
 from mgrow.flops import epochs_for_budget, forward_flops, ledger, param_counts
 from mgrow.manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Phase
 
-from conftest import make_bundle, run_cli
+from conftest import make_bundle, run_main
 
 
 def _fvcore(model, size=32):
@@ -25,15 +25,15 @@ def _fvcore(model, size=32):
 def test_cli_flops_json_matches_fvcore(tmp_path):
     arch = ArchSpec(name="resnet18", width=0.5)
     make_bundle(tmp_path / "m.safetensors", arch)
-    r = run_cli("flops", tmp_path / "m.safetensors", "--json")
+    r = run_main("flops", tmp_path / "m.safetensors", "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["forward_flops"] == _fvcore(build(arch))
     assert sum(row["flops"] for row in rep["layers"]) == rep["forward_flops"]
-    r64 = json.loads(run_cli("flops", tmp_path / "m.safetensors", "--json", "--input-size",
-                             "64").stdout)
+    r64 = json.loads(run_main("flops", tmp_path / "m.safetensors", "--json", "--input-size",
+                              "64").stdout)
     assert r64["forward_flops"] == _fvcore(build(arch), 64)
-    table = run_cli("flops", tmp_path / "m.safetensors")
+    table = run_main("flops", tmp_path / "m.safetensors")
     assert "one multiply-add = one flop" in " ".join(table.stdout.split())
 
 
@@ -81,7 +81,7 @@ def test_ledger_and_budget_arithmetic():
 def test_export_matches_and_loads_into_torchvision(tmp_path, cifar_batch):
     arch = ArchSpec(name="resnet18")
     b = make_bundle(tmp_path / "m.safetensors", arch)
-    r = run_cli("export", tmp_path / "m.safetensors", "-o", tmp_path / "plain.safetensors")
+    r = run_main("export", tmp_path / "m.safetensors", "-o", tmp_path / "plain.safetensors")
     assert r.returncode == 0, r.stderr
     tv = torchvision.models.resnet18(num_classes=10)
     tv.load_state_dict(safetensors.torch.load_file(tmp_path / "plain.safetensors"), strict=True)
@@ -103,7 +103,7 @@ def test_a_grown_net_exports_into_torchvision(tmp_path, cifar_batch):
                for n, s in (("a", 1), ("b", 2))]
     grown = fuse(members)
     save(tmp_path / "g.safetensors", grown.manifest, grown.tensors)
-    r = run_cli("export", tmp_path / "g.safetensors", "-o", tmp_path / "plain.safetensors")
+    r = run_main("export", tmp_path / "g.safetensors", "-o", tmp_path / "plain.safetensors")
     assert r.returncode == 0, r.stderr
     tv = torchvision.models.resnet18(num_classes=10)
     tv.load_state_dict(safetensors.torch.load_file(tmp_path / "plain.safetensors"), strict=True)
@@ -114,12 +114,12 @@ def test_a_grown_net_exports_into_torchvision(tmp_path, cifar_batch):
 
 
 def test_help_lists_every_subcommand():
-    r = run_cli("--help")
+    r = run_main("--help")
     for cmd in ("convert", "flops", "export", "fuse", "train", "train-sibling", "finetune",
                 "eval"):
         assert f" {cmd} " in r.stdout, cmd
     for cmd in ("convert", "fuse", "flops", "export"):
-        sub = run_cli(cmd, "--help")
+        sub = run_main(cmd, "--help")
         assert sub.returncode == 0 and "--help" in sub.stdout
         assert "--output" in sub.stdout or cmd == "flops"
 
@@ -147,7 +147,7 @@ def test_usage_errors_are_one_line():
     for args, message in ((("fuse", "a", "--factor", "x", "-o", "y"), "--factor"),
                           (("nosuch",), "No such command"),
                           (("flops",), "Missing argument")):
-        r = run_cli(*args)
+        r = run_main(*args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
-    assert run_cli("--version").stdout.startswith("mgrow ")
+    assert run_main("--version").stdout.startswith("mgrow ")

@@ -22,7 +22,7 @@ from mgrow.data import load_data
 from mgrow.data.folders import decode, list_folder, scan
 from mgrow.errors import MgrowError
 
-from conftest import CIFAR, run_cli
+from conftest import CIFAR, run_main
 
 SIZE = 16  # input side: tiny, so every test takes seconds
 pytestmark = pytest.mark.skipif(not (CIFAR / "test.npz").exists(),
@@ -57,9 +57,9 @@ def _corrupt_inside(path: Path) -> None:
 
 
 def _train(folder: Path, out: Path, *extra: str):
-    return run_cli("train", "--arch", "resnet18", "--width", "0.125", "--data",
-                   f"imagefolder:{folder}", "--input-size", SIZE, "--workers", "1",
-                   "--epochs", "1", "--batch-size", "120", "-q", "-o", out, *extra)
+    return run_main("train", "--arch", "resnet18", "--width", "0.125", "--data",
+                    f"imagefolder:{folder}", "--input-size", SIZE, "--workers", "1",
+                    "--epochs", "1", "--batch-size", "120", "-q", "-o", out, *extra)
 
 
 def _one_line_error(r) -> str:

@@ -16,7 +16,7 @@ from mgrow.growth import fuse
 from mgrow.manifest import ArchSpec, DatasetSpec, MixingSpec
 from mgrow.mixing import mixed_layers
 
-from conftest import make_bundle, run_cli
+from conftest import make_bundle, run_main
 
 ARCH = ArchSpec(name="wrn-16-2", width=0.5)
 
@@ -294,7 +294,7 @@ def test_refusals(tmp_path, pair):
     for (members, kwargs), message in cases:
         with pytest.raises(MgrowError, match=message):
             fuse(members, **kwargs)
-    r = run_cli("fuse", a.path, other_arch.path, "-o", d / "out.safetensors")
+    r = run_main("fuse", a.path, other_arch.path, "-o", d / "out.safetensors")
     assert r.returncode == 2 and "different architectures" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (d / "out.safetensors").exists()
@@ -312,7 +312,7 @@ def test_cli_fuse_options_take_effect_and_read_no_data(tmp_path, cifar_batch):
     out = {}
     for name, options in {"zero": ("--init", "zero", "--tiling", "horizontal"),
                           "plain": (), "corrected": ("--bn-correct",)}.items():
-        r = run_cli("fuse", a.path, b.path, *options, "-o", tmp_path / f"{name}.safetensors")
+        r = run_main("fuse", a.path, b.path, *options, "-o", tmp_path / f"{name}.safetensors")
         assert r.returncode == 0, r.stderr
         out[name] = load(tmp_path / f"{name}.safetensors")
     growth = out["zero"].manifest.growth

@@ -12,40 +12,33 @@ from mgrow.engine import TrainConfig
 from mgrow.flops import ledger, reference_flops
 from mgrow.phases import fuse_files
 from mgrow.data import DataSource
-from mgrow.phases import evaluate_bundle, finetune, train_new, train_sibling
+from mgrow.phases import evaluate_bundle, finetune, train_sibling
 
-from conftest import run_cli
+from conftest import run_main
 
+# digits_200 (conftest) was trained with this configuration
 CFG = TrainConfig(epochs=1, batch_size=50, device="cpu", eval_every_epoch=False)
 
 
-@pytest.fixture(scope="module")
-def subset_bundle(tmp_path_factory):
-    """A wrn-10-1 trained one epoch on 200 of the 1,437 digits training images."""
-    path = tmp_path_factory.mktemp("norm") / "sub.safetensors"
-    train_new("wrn-10-1", DataSource("digits", subset=200), CFG, path, progress="quiet")
-    return path
-
-
-def test_eval_with_and_without_data_agree(subset_bundle):
+def test_eval_with_and_without_data_agree(digits_200):
     """--data names the same set but not the subset: the recorded mean/std still apply."""
-    recorded = load(subset_bundle).manifest.data
+    recorded = load(digits_200).manifest.data
     full = DataSource("digits").load()
     assert full.spec.mean != recorded.mean  # the whole split's statistics differ ...
-    own = evaluate_bundle(subset_bundle, DataSource())
-    given = evaluate_bundle(subset_bundle, DataSource("digits"))
+    own = evaluate_bundle(digits_200, DataSource())
+    given = evaluate_bundle(digits_200, DataSource("digits"))
     assert given["loss"] == own["loss"] and given["top1"] == own["top1"]  # ... yet no effect
-    cli = run_cli("eval", subset_bundle, "--data", "digits", "--json", "--device", "cpu")
+    cli = run_main("eval", digits_200, "--data", "digits", "--json", "--device", "cpu")
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["loss"] == pytest.approx(own["loss"], rel=1e-6)
 
 
-def test_finetune_on_other_size_keeps_the_recorded_data(subset_bundle, tmp_path):
+def test_finetune_on_other_size_keeps_the_recorded_data(digits_200, tmp_path):
     """Finetuning on all 1,437 images keeps the recorded 200 (the ledger's reference) and
     normalisation; the lineage says what was used, the phase row what it cost."""
-    before = load(subset_bundle).manifest
+    before = load(digits_200).manifest
     out = tmp_path / "ft.safetensors"
-    finetune(subset_bundle, DataSource("digits"), CFG, out, progress="quiet")
+    finetune(digits_200, DataSource("digits"), CFG, out, progress="quiet")
     man = load(out).manifest
     assert man.data == before.data
     assert man.lineage.options["train_size"] == 1437
@@ -53,18 +46,18 @@ def test_finetune_on_other_size_keeps_the_recorded_data(subset_bundle, tmp_path)
     assert ledger(man, 10)["reference_flops"] == ledger(before, 10)["reference_flops"]
 
 
-def test_finetune_normalises_with_the_recorded_statistics(subset_bundle, tmp_path):
+def test_finetune_normalises_with_the_recorded_statistics(digits_200, tmp_path):
     """finetune feeds the network images normalised by the bundle's recorded mean/std, not
     by statistics of the data it is given: the same data given by name or taken from the
     record trains the same weights, and a bundle recording twice the std trains others."""
     from mgrow.bundle import save
-    small = load(subset_bundle)
+    small = load(digits_200)
     data = small.manifest.data
     doubled = tmp_path / "std2.safetensors"
     save(doubled, small.manifest.model_copy(update={"data": data.model_copy(
         update={"std": tuple(2 * s for s in data.std)})}), small.tensors)
-    runs = {"named": (subset_bundle, DataSource("digits", subset=200)),
-            "recorded": (subset_bundle, DataSource()),
+    runs = {"named": (digits_200, DataSource("digits", subset=200)),
+            "recorded": (digits_200, DataSource()),
             "doubled": (doubled, DataSource("digits", subset=200))}
     weights = {}
     for name, (bundle, source) in runs.items():
@@ -74,13 +67,13 @@ def test_finetune_normalises_with_the_recorded_statistics(subset_bundle, tmp_pat
     assert not all(torch.equal(v, weights["doubled"][k]) for k, v in weights["named"].items())
 
 
-def test_budget_counts_the_images_actually_used(subset_bundle, tmp_path):
+def test_budget_counts_the_images_actually_used(digits_200, tmp_path):
     """A grown net finetuned to a budget on a larger set than recorded stops at the budget."""
     sib = tmp_path / "sib.safetensors"
-    train_sibling(subset_bundle, DataSource(), CFG.model_copy(update={"seed": 1}), sib,
+    train_sibling(digits_200, DataSource(), CFG.model_copy(update={"seed": 1}), sib,
                   progress="quiet")
     grown = tmp_path / "grown.safetensors"
-    fuse_files(subset_bundle, sib, grown)
+    fuse_files(digits_200, sib, grown)
     out = tmp_path / "ft.safetensors"
     finetune(grown, DataSource("digits"), CFG, out, budget=0.3, reference_epochs=10,
              progress="quiet")
@@ -91,11 +84,11 @@ def test_budget_counts_the_images_actually_used(subset_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("batch", [30, 120])
-def test_budget_counts_whole_batches_only(subset_bundle, tmp_path, batch):
+def test_budget_counts_whole_batches_only(digits_200, tmp_path, batch):
     """An epoch trains only whole batches (200 images at batch 120: one step, 120 images):
     the budget is met within half a step however much of the last batch is dropped."""
     grown = tmp_path / "grown.safetensors"
-    fuse_files(subset_bundle, None, grown)
+    fuse_files(digits_200, None, grown)
     out = tmp_path / "ft.safetensors"
     cfg = CFG.model_copy(update={"batch_size": batch})
     finetune(grown, DataSource(), cfg, out, budget=1.0, reference_epochs=3, progress="quiet")
@@ -148,7 +141,7 @@ def test_convert_records_the_checkpoints_own_normalisation(tmp_path):
     plain = build(arch, seed=3).eval()
     torch.save(plain.state_dict(), tmp_path / "plain.pt")
     convert = ("convert", tmp_path / "plain.pt", "--arch", "wrn-10-1", "--data", "digits")
-    r = run_cli(*convert, "--mean", "0.5", "--std", "0.25", "-o", tmp_path / "own.safetensors")
+    r = run_main(*convert, "--mean", "0.5", "--std", "0.25", "-o", tmp_path / "own.safetensors")
     assert r.returncode == 0, r.stderr
     assert load(tmp_path / "own.safetensors").manifest.data.mean == (0.5,)
     assert load(tmp_path / "own.safetensors").manifest.data.std == (0.25,)
@@ -157,7 +150,7 @@ def test_convert_records_the_checkpoints_own_normalisation(tmp_path):
         ref = F.cross_entropy(plain((test.test_x.float() / 255 - 0.5) / 0.25), test.test_y)
     own = evaluate_bundle(tmp_path / "own.safetensors", DataSource(), device="cpu")
     assert own["loss"] == pytest.approx(float(ref), rel=1e-4)
-    r = run_cli(*convert, "-o", tmp_path / "measured.safetensors")
+    r = run_main(*convert, "-o", tmp_path / "measured.safetensors")
     assert r.returncode == 0, r.stderr
     measured = evaluate_bundle(tmp_path / "measured.safetensors", DataSource(), device="cpu")
     assert abs(measured["loss"] - own["loss"]) > 1e-3  # the constants matter
@@ -167,9 +160,9 @@ def test_convert_records_the_checkpoints_own_normalisation(tmp_path):
                          (("--mean", "1.5", "--std", "0.2"), "mean[0]: Input should be less"),
                          (("--mean", "x", "--std", "0.2"), "comma-separated numbers"),
                          (("--mean", "nan", "--std", "0.2"), "finite numbers")):
-        r = run_cli(*convert, *bad, "-o", tmp_path / "bad.safetensors")
+        r = run_main(*convert, *bad, "-o", tmp_path / "bad.safetensors")
         assert r.returncode != 0 and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "bad.safetensors").exists()
-    r = run_cli(*convert[:4], "--mean", "0.5", "--std", "0.2", "-o", tmp_path / "bad.safetensors")
+    r = run_main(*convert[:4], "--mean", "0.5", "--std", "0.2", "-o", tmp_path / "bad.safetensors")
     assert r.returncode != 0 and "name that data set with --data" in r.stderr, r.stderr

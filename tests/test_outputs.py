@@ -29,7 +29,7 @@ from mgrow.files import writer_lock
 from mgrow.growth import fuse
 from mgrow.manifest import ArchSpec, Lineage, Manifest
 
-from conftest import make_bundle, run_cli
+from conftest import make_bundle, run_cli, run_main
 
 MGROW = f"{sys.executable} -m mgrow"
 TINY = ("--data", "digits", "--subset", "64", "--batch-size", "16", "--epochs", "1", "-q")
@@ -40,10 +40,10 @@ def trained(tmp_path_factory) -> Path:
     """A folder with small.safetensors (wrn-10-1 x0.5 trained on real digits for an
     epoch) and its sibling sib.safetensors."""
     d = tmp_path_factory.mktemp("trained")
-    r = run_cli("train", "--arch", "wrn-10-1", "--width", "0.5", *TINY, "-o",
-                d / "small.safetensors")
+    r = run_main("train", "--arch", "wrn-10-1", "--width", "0.5", *TINY, "-o",
+                 d / "small.safetensors")
     assert r.returncode == 0, r.stderr
-    r = run_cli("train-sibling", d / "small.safetensors", *TINY, "-o", d / "sib.safetensors")
+    r = run_main("train-sibling", d / "small.safetensors", *TINY, "-o", d / "sib.safetensors")
     assert r.returncode == 0, r.stderr
     return d
 
@@ -116,7 +116,7 @@ def test_two_fuses_at_once_get_two_names(trained, tmp_path):
 
 def test_fuse_default_name_skips_a_name_being_written(trained, tmp_path):
     a, b = _copy_members(trained, tmp_path)
-    with writer_lock(tmp_path / "small-grown.safetensors"):  # another writer holds it
+    with writer_lock(tmp_path / "small-grown.safetensors"):  # another process holds it
         r = run_cli("fuse", a, b)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"wrote {tmp_path / 'small-grown-2.safetensors'} ")
@@ -152,7 +152,7 @@ def _to_float64_on_disk(src: Path, dst: Path) -> Path:
 def test_fuse_of_a_float64_member_writes_one_float_dtype(trained, tmp_path):
     b64 = _to_float64_on_disk(trained / "sib.safetensors", tmp_path / "sib64.safetensors")
     out = tmp_path / "g.safetensors"
-    r = run_cli("fuse", trained / "small.safetensors", b64, "-o", out)
+    r = run_main("fuse", trained / "small.safetensors", b64, "-o", out)
     assert r.returncode == 0, r.stderr
     assert _dtypes(out) == {"float32", "int64"}
 

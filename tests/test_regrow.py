@@ -16,7 +16,7 @@ from mgrow.manifest import ArchSpec, Phase
 from mgrow.mixing import mixed_layers
 from mgrow.data import DataSource
 
-from conftest import CIFAR, make_bundle, run_cli
+from conftest import CIFAR, make_bundle, run_main
 
 ARCH = ArchSpec(name="wrn-10-2", width=0.25)
 PHASE = Phase(operation="train", arch="x", stage="base", images=10, forward_flops=1,
@@ -148,7 +148,7 @@ def test_regrowth_refusals(members, tmp_path):
     plain = _saved(fuse([a], method="net2net"), tmp_path / "plain.safetensors")
     with pytest.raises(MgrowError, match="plain network"):
         fuse([plain])
-    r = run_cli("fuse", half.path, "-o", tmp_path / "full.safetensors", "--init", "zero")
+    r = run_main("fuse", half.path, "-o", tmp_path / "full.safetensors", "--init", "zero")
     assert r.returncode == 0, r.stderr
     assert load(tmp_path / "full.safetensors").manifest.arch.width == 1.0
 

@@ -56,14 +56,14 @@ def test_cli_trains_under_the_step_schedule(tmp_path):
 
     from mgrow.bundle import load
 
-    from conftest import run_cli
+    from conftest import run_main
     out = tmp_path / "s.safetensors"
-    cli = run_cli("train", "--arch", "wrn-10-1", "--data", "digits", "--epochs", "2",
-                  "--warmup", "0", "--schedule", "step", "--device", "cpu", "-o", out, "--json")
+    cli = run_main("train", "--arch", "wrn-10-1", "--data", "digits", "--epochs", "2",
+                   "--warmup", "0", "--schedule", "step", "--device", "cpu", "-o", out, "--json")
     assert cli.returncode == 0, cli.stderr
     lrs = [json.loads(line)["lr"] for line in out.with_name(out.name + ".metrics.jsonl")
            .read_text().splitlines()]
     assert lrs == pytest.approx([0.01, 1e-4])  # cosine would end epoch 1 near 0.05
     assert load(out).manifest.lineage.options["schedule"] == "step"
-    bad = run_cli("train", "--arch", "wrn-10-1", "--schedule", "linear", "-o", tmp_path / "x")
+    bad = run_main("train", "--arch", "wrn-10-1", "--schedule", "linear", "-o", tmp_path / "x")
     assert bad.returncode == 2 and "--schedule" in bad.stderr

@@ -31,7 +31,7 @@ from mgrow.data.folders import MAX_PIXELS, BadImage, image_problem
 from mgrow.data.plan import generator as sample_key
 from mgrow.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RATIO, SCALE, crop_params
 
-from conftest import CIFAR, run_cli
+from conftest import CIFAR, run_main
 
 SIZE = 16  # input side: tiny, so every test takes seconds
 ARCH = ArchSpec(name="resnet18", width=0.125, num_classes=10, input_size=SIZE)
@@ -154,9 +154,9 @@ def test_stats_sample_is_measured_and_recorded(folder, tmp_path):
     assert measured.spec.std == pytest.approx(memory.spec.std, abs=1e-9)
     assert measured.spec.mean != pytest.approx(IMAGENET_MEAN, abs=1e-3)
     out = tmp_path / "a.safetensors"
-    r = run_cli("train", "--arch", "resnet18", "--width", "0.125", "--data",
-                f"imagefolder:{folder}", "--input-size", SIZE, "--stats", "sample",
-                "--workers", "1", "--epochs", "0.5", "--batch-size", "32", "-q", "-o", out)
+    r = run_main("train", "--arch", "resnet18", "--width", "0.125", "--data",
+                 f"imagefolder:{folder}", "--input-size", SIZE, "--stats", "sample",
+                 "--workers", "1", "--epochs", "0.5", "--batch-size", "32", "-q", "-o", out)
     assert r.returncode == 0, r.stderr
     spec = load(out).manifest.data
     assert spec.mean == pytest.approx(measured.spec.mean, abs=1e-6)
@@ -261,9 +261,9 @@ def test_bad_image_one_line_naming_the_file(folder, tmp_path, how, message, up_f
             load_data(f"imagefolder:{bad}", input_size=SIZE)
         assert str(victim) in str(e.value) and message in str(e.value)
     out = tmp_path / "a.safetensors"
-    r = run_cli("train", "--arch", "resnet18", "--width", "0.125", "--data",
-                f"imagefolder:{bad}", "--input-size", SIZE, "--workers", "1", "--epochs", "1",
-                "--batch-size", "120", "-q", "-o", out)
+    r = run_main("train", "--arch", "resnet18", "--width", "0.125", "--data",
+                 f"imagefolder:{bad}", "--input-size", SIZE, "--workers", "1", "--epochs", "1",
+                 "--batch-size", "120", "-q", "-o", out)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"mgrow: error: {victim}: {message}"), \
@@ -322,7 +322,7 @@ def test_ctrl_c_to_the_process_group_stops_saves_and_resumes(folder, tmp_path):
     assert len(workers) == 2 and all({signal.SIGINT, signal.SIGTERM} <= w for w in workers)
     assert child.returncode != 0 and len(err.strip().splitlines()) == 1, err[-3000:]
     assert err.startswith("mgrow: error: stopped by SIGINT at epoch") and "--resume" in err
-    r = run_cli("train", *args[4:-3], "--resume", "-q", "-o", out)
+    r = run_main("train", *args[4:-3], "--resume", "-q", "-o", out)
     assert r.returncode == 0, r.stderr
     assert load(out).manifest.phases[-1].images == 90 * 4  # 3 epochs of 30 steps in all
 

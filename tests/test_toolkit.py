@@ -22,7 +22,7 @@ import torch
 import mgrow
 from mgrow.data import batches
 from mgrow.similarity import cka_models, grams, images, linear_cka
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 
 
 def readme_example() -> str:
@@ -76,9 +76,9 @@ def test_api_is_what_the_cli_calls(example):
                             "sys.modules); mgrow.load; print('torch' in sys.modules)"],
                            capture_output=True, text=True, cwd=ROOT)
     assert probe.stdout.split() == ["False", "True"]
-    res = run_cli("eval", "final.safetensors", "--json", cwd=folder)
+    res = run_main("eval", "final.safetensors", "--json", cwd=folder)
     assert json.loads(res.stdout)["top1"] == mgrow.evaluate(folder / "final.safetensors")["top1"]
-    res = run_cli("flops", "final.safetensors", "--json", cwd=folder)
+    res = run_main("flops", "final.safetensors", "--json", cwd=folder)
     assert json.loads(res.stdout)["params"] == mgrow.count_flops(
         folder / "final.safetensors")["params"]
 
@@ -102,8 +102,8 @@ def test_api_refuses_what_it_would_silently_ignore(example, tmp_path):
                                              config=cfg.model_copy(update={"seed": own}))):
         with pytest.raises(mgrow.MgrowError, match=f"seed {own} is the small net's own"):
             call()
-    r = run_cli("train-sibling", small, "--epochs", "1", "--seed", own, "-o",
-                tmp_path / "s.safetensors")
+    r = run_main("train-sibling", small, "--epochs", "1", "--seed", own, "-o",
+                 tmp_path / "s.safetensors")
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "small net's own" in r.stderr
     assert not (tmp_path / "s.safetensors").exists()
     with pytest.raises(mgrow.MgrowError, match="epochs: Input should be a finite number"):
@@ -116,7 +116,7 @@ def test_info_fields(example):
     """Manifest, lineage down to the first net, ledger and parameter counts of the final
     bundle, as JSON from the real CLI."""
     folder, _ = example
-    res = run_cli("info", "final.safetensors", "--json", "--reference-epochs", "4", cwd=folder)
+    res = run_main("info", "final.safetensors", "--json", "--reference-epochs", "4", cwd=folder)
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     bundle = mgrow.load(folder / "final.safetensors")
@@ -156,11 +156,11 @@ def test_info_names_missing_and_changed_parents(example, tmp_path):
     folder, _ = example
     for name in ("final.safetensors", "small-grown.safetensors"):
         shutil.copy(folder / name, tmp_path / name)
-    res = run_cli("info", "final.safetensors", "--json", cwd=tmp_path)
+    res = run_main("info", "final.safetensors", "--json", cwd=tmp_path)
     grown = json.loads(res.stdout)["lineage"]["parents"][0]
     assert [p["status"] for p in grown["lineage"]["parents"]] == ["missing", "missing"]
     (tmp_path / "small-grown.safetensors").write_bytes(b"something else")
-    res = run_cli("info", "final.safetensors", cwd=tmp_path)
+    res = run_main("info", "final.safetensors", cwd=tmp_path)
     assert res.returncode == 0 and "changed since (sha256 differs)" in res.stdout
     assert "templates" in res.stdout and "training-FLOPs ledger" in res.stdout
 
@@ -169,7 +169,7 @@ def test_info_names_missing_and_changed_parents(example, tmp_path):
 
 def test_cka_of_a_bundle_with_itself_is_one_on_the_diagonal(example):
     folder, _ = example
-    res = run_cli("cka", "small.safetensors", "small.safetensors", "--json", cwd=folder)
+    res = run_main("cka", "small.safetensors", "small.safetensors", "--json", cwd=folder)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["images"] == 360  # the whole digits test split (< 512)
@@ -191,8 +191,8 @@ def test_cka_json_is_strict_where_a_layer_does_not_vary(example, tmp_path):
     flat = {k: torch.zeros_like(v) if k.startswith(head + ".") else v
             for k, v in small.tensors.items()}  # constant logits
     save(tmp_path / "flat.safetensors", small.manifest, flat)
-    res = run_cli("cka", folder / "small.safetensors", tmp_path / "flat.safetensors",
-                  "--json", cwd=tmp_path)
+    res = run_main("cka", folder / "small.safetensors", tmp_path / "flat.safetensors",
+                   "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     col = out["layers_b"].index(head)
@@ -280,17 +280,17 @@ def test_cka_png_and_refusals(example, tmp_path):
     pytest.importorskip("matplotlib")
     folder, _ = example
     png = tmp_path / "cka.png"
-    res = run_cli("cka", folder / "small.safetensors", folder / "final.safetensors",
-                  "--images", "64", "--png", png)
+    res = run_main("cka", folder / "small.safetensors", folder / "final.safetensors",
+                   "--images", "64", "--png", png)
     assert res.returncode == 0, res.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "blocks.0.conv1" in res.stdout and "mean over 10 same-name layers" in res.stdout
     before = png.read_bytes()
-    res = run_cli("cka", folder / "small.safetensors", folder / "small.safetensors",
-                  "--png", png)
+    res = run_main("cka", folder / "small.safetensors", folder / "small.safetensors",
+                   "--png", png)
     assert res.returncode != 0 and "exists" in res.stderr and png.read_bytes() == before
-    res = run_cli("cka", folder / "small.safetensors", folder / "small.safetensors",
-                  "--images", "1000")
+    res = run_main("cka", folder / "small.safetensors", folder / "small.safetensors",
+                   "--images", "1000")
     assert res.returncode != 0
     assert res.stderr.strip() == ("mgrow: error: --images 1000 exceeds the 360 test images "
                                   "of digits")

@@ -18,7 +18,7 @@ from mgrow.flops import forward_flops, reference_flops
 from mgrow.manifest import ArchSpec, MixingSpec
 from mgrow.phases import finetune, fuse_files, train_new
 
-from conftest import make_bundle, run_cli
+from conftest import make_bundle, run_main
 
 CFG = TrainConfig(epochs=1, batch_size=50, device="cpu", eval_every_epoch=False)
 
@@ -45,8 +45,8 @@ def test_convert_reads_a_folder_at_the_size_it_counts(wrn_checkpoint, image_fold
     32 by default, or --input-size): the ledger can never count 32 px for 224 px images."""
     for size, args in ((32, ()), (48, ("--input-size", "48"))):
         out = tmp_path / f"c{size}.safetensors"
-        r = run_cli("convert", wrn_checkpoint, "--arch", "wrn-10-1", "--data",
-                    f"imagefolder:{image_folder}", *args, "-o", out)
+        r = run_main("convert", wrn_checkpoint, "--arch", "wrn-10-1", "--data",
+                     f"imagefolder:{image_folder}", *args, "-o", out)
         assert r.returncode == 0, r.stderr
         man = load(out).manifest
         assert man.arch.input_size == man.data.input_size == size
@@ -55,8 +55,8 @@ def test_convert_reads_a_folder_at_the_size_it_counts(wrn_checkpoint, image_fold
 def test_convert_refuses_a_size_fixed_data_cannot_have(tmp_path):
     ckpt, out = tmp_path / "gray.pt", tmp_path / "x.safetensors"
     torch.save(build(ArchSpec(name="wrn-10-1", in_channels=1)).state_dict(), ckpt)
-    r = run_cli("convert", ckpt, "--arch", "wrn-10-1", "--data", "digits", "--input-size",
-                "32", "-o", out)
+    r = run_main("convert", ckpt, "--arch", "wrn-10-1", "--data", "digits", "--input-size",
+                 "32", "-o", out)
     assert r.returncode == 2 and not out.exists()
     assert r.stderr.count("\n") == 1 and "--input-size 32 differs from the 8 x 8 images" in r.stderr
 
@@ -114,7 +114,7 @@ def test_the_reference_a_budget_was_set_against_is_kept(small, tmp_path):
         assert report["growth_norm"] == pytest.approx(0.45, abs=50 / 200 / 4)
     assert mgrow.info(out, reference_epochs=8)["ledger"]["growth_norm"] == pytest.approx(
         0.225, abs=50 / 200 / 8)
-    r = run_cli("flops", out, "--json")
+    r = run_main("flops", out, "--json")
     assert r.returncode == 0 and '"reference_epochs": 4' in r.stdout.replace(" 4.0", " 4")
 
 
@@ -123,15 +123,15 @@ def test_errors_name_what_the_user_gave(small, tmp_path):
     recording 0 training images names the manifest, not --subset."""
     grown = tmp_path / "g.safetensors"
     fuse_files(small, None, grown)
-    r = run_cli("finetune", grown, "--budget", "0.0001", "--reference-epochs", "1", "-o",
-                tmp_path / "f.safetensors")
+    r = run_main("finetune", grown, "--budget", "0.0001", "--reference-epochs", "1", "-o",
+                 tmp_path / "f.safetensors")
     assert r.returncode == 2 and "--budget 0.0001X leaves" in r.stderr
     assert "--epochs" not in r.stderr
     b = load(small)
     zero = tmp_path / "zero.safetensors"
     save(zero, b.manifest.model_copy(update={"data": b.manifest.data.model_copy(
         update={"train_size": 0})}), b.tensors)
-    r = run_cli("finetune", zero, "--epochs", "1", "-o", tmp_path / "z.safetensors")
+    r = run_main("finetune", zero, "--epochs", "1", "-o", tmp_path / "z.safetensors")
     assert r.returncode == 2 and "records a training set of 0 images" in r.stderr
     assert "--subset" not in r.stderr
 
@@ -162,7 +162,7 @@ def test_gradmax_checks_the_fit_train_checks(tmp_path):
     arch = ArchSpec(name="vgg11_bn", width=0.0625, in_channels=1, input_size=32)
     a = make_bundle(tmp_path / "v.safetensors", arch, seed=0)
     out = tmp_path / "g.safetensors"
-    r = run_cli("fuse", a.path, "--method", "gradmax", "--data", "digits", "-o", out)
+    r = run_main("fuse", a.path, "--method", "gradmax", "--data", "digits", "-o", out)
     assert r.returncode == 2 and not out.exists(), r.stderr
     assert r.stderr.count("\n") == 1 and "failed unexpectedly" not in r.stderr
     assert "cannot take 1 x 8 x 8 inputs" in r.stderr

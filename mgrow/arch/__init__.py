@@ -1,12 +1,14 @@
 """Architecture registry: one factory builds every network, plain or template-mixed.
 
 Names: `wrn-D-K` (WideResNet for small inputs), `resnet18`, `resnet34`, `resnet50`
-(torchvision layout and key names), `vgg11_bn` (torchvision layout). `ArchSpec.width`
+(torchvision layout and key names), `vgg11_bn` (torchvision layout), and any builder's
+network, `torchvision:NAME` or `timm:NAME` (arch.zoo, plain only). `ArchSpec.width`
 multiplies every channel count, so growing by g is `spec.widened(g)`.
 
 Owns `build` and `check_name`; the families (wrn, resnet, vgg) build through mgrow.mixing's
-Builder and scale channels by arch.scale. Imports mgrow.errors, limits, manifest, mixing and
-footprint (every network is sized on the meta device before it is built).
+Builder and scale channels by arch.scale; builders' networks come from arch.zoo (grown by
+arch.widen). Imports mgrow.errors, limits, manifest, mixing and footprint (every network
+is sized on the meta device before it is built).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from .resnet import resnet
 from .scale import channels
 from .vgg import vgg11_bn
 from .wrn import wrn
+from .zoo import build_traced, check_traced, is_traced
 
-__all__ = ["NAMES", "build", "channels", "check_name"]
+__all__ = ["NAMES", "build", "channels", "check_name", "is_traced"]
 
 _FIXED: dict[str, Callable[[ArchSpec, Builder], nn.Module]] = {
     "resnet18": lambda s, b: resnet(s, b, "basic", (2, 2, 2, 2)),
@@ -41,6 +44,8 @@ NAMES = ("wrn-D-K", *_FIXED)
 
 def check_name(name: str) -> str:
     """Return `name` if the registry knows it, else raise a one-line MgrowError."""
+    if is_traced(name):
+        return check_traced(name)
     m = _WRN.match(name)
     if m and int(m.group(1)) > MAX_DEPTH:  # build work grows with the layer count
         raise MgrowError(f"{name}: depth {int(m.group(1))} exceeds the {MAX_DEPTH} layers "
@@ -65,6 +70,11 @@ def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,
     size), and refused in one line if it cannot take that input or would not fit memory.
     """
     check_name(arch.name)
+    if is_traced(arch.name) and mixing is not None:
+        raise MgrowError(f"{arch.name}: template-mixed builders' networks are not supported "
+                         "yet; use a plain one (--plain)")
+    if is_traced(arch.name) and arch.norm != "every":
+        raise MgrowError(f"{arch.name}: --norm is a WRN option")
     shapes = _construct(arch, mixing, seed, meta=True)
     what = f"{arch.name} x{arch.width:g}" + (" mixed" if mixing else " plain")
     try:
@@ -78,6 +88,10 @@ def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,
 
 def _construct(arch: ArchSpec, mixing: MixingSpec | None, seed: int, meta: bool) -> nn.Module:
     """Return the network, on the meta device (uninitialised) or initialised on the CPU."""
+    if is_traced(arch.name):
+        return build_traced(arch, seed, meta)
+    if arch.options:
+        raise MgrowError(f"{arch.name}: builder options are for torchvision:/timm: networks")
     builder = Builder(mixing)
     with torch.random.fork_rng(devices=[]), torch.device("meta" if meta else "cpu"):
         torch.manual_seed(seed)

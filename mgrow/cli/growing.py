@@ -99,8 +99,15 @@ def _normalisation(mean: str | None, std: str | None
 
 @app.command()
 def export(bundle: Bundle, output: Output, force: Force = False):
-    """Write the plain network (weights generated, no templates) for deployment."""
-    from ..bundle import export_plain
+    """Write the plain network (weights generated, no templates) for deployment: a
+    safetensors state_dict, or with an output ending in .pt2 a torch.export program that
+    loads without mgrow (torch.export.load(OUTPUT).module())."""
+    from ..bundle import export_plain, export_program
+    if Path(output).suffix == ".pt2":
+        path = export_program(bundle, output, force)
+        print(f"wrote {path} (torch.export program at batch 1; load with "
+              "torch.export.load(path).module())")
+        return
     path = export_plain(bundle, output, force)
     print(f"wrote {path} (plain state_dict; load with safetensors.torch.load_file)")
 
@@ -129,13 +136,16 @@ def fuse(
     method: Annotated[Method, typer.Option(
         "--method", help="mixture (MixtureGrowth); baselines with plain outputs: random "
         "(fresh plain weights for new tiles), net2net (function-preserving widening of A), "
-        "gradmax (zero fan-out, fan-in from gradient SVD; reads data), firefly (best of "
-        "split and new candidates after a few steps; reads data).")
+        "gradmax (GradMax, Evci et al. 2022: near-zero fan-in, fan-out from the SVD of a "
+        "gradient statistic; reads data), firefly (Firefly, Wu et al. 2020: 2x candidates, "
+        "a few Adam steps, the best by first-order gain; reads data), zero (new units' fan-out "
+        "zero; plain nets). A torchvision:/timm: net grows by net2net, zero or random.")
     ] = Method.mixture,
     noise: Annotated[Optional[float], typer.Option(
         "--noise", callback=in_range(0, L.MAX_NOISE),
         help="Relative noise on new tiles: copy (default 0), net2net (default "
-        "0.01); firefly: perturbation of split copies' fan-in (default 0.1).")] = None,
+        "0.01); gradmax: new units' near-zero fan-in, x A's mean norm (default 1e-5); "
+        "firefly: candidates' fan-out, x A's mean norm (default 0.01).")] = None,
     data: Annotated[Optional[str], typer.Option(
         "--data", help="gradmax/firefly: the data their growth step reads (spec as for "
         "train) [default: A's own].", show_default=False)] = None,
@@ -144,8 +154,9 @@ def fuse(
         help="gradmax/firefly: images per growth step.")] = 64,
     growth_steps: Annotated[int, typer.Option(
         "--growth-steps", min=1, max=1_000_000,
-        help="gradmax: batches of gradient statistics; firefly: "
-        "optimiser steps per candidate kind. Charged to the ledger as a growth phase.")] = 8,
+        help="gradmax: batches of gradient statistics; firefly: Adam steps, one a "
+        "batch, then the same batches again to score. Charged to the ledger as a growth "
+        "phase.")] = 8,
     subset: Annotated[Optional[int], typer.Option(
         "--subset", min=1, max=L.MAX_IMAGES,
         help="gradmax/firefly: draw batches from the first N training "

@@ -62,7 +62,7 @@ Tiling = choices("Tiling", "vertical", "horizontal")
 
 
 Init = choices("Init", "orthogonal", "random", "copy", "zero")
-Method = choices("Method", "mixture", "random", "net2net", "gradmax", "firefly")
+Method = choices("Method", "mixture", "random", "net2net", "gradmax", "firefly", "zero")
 Sharing = choices("Sharing", "pairs", "none")
 Norm = choices("Norm", "every", "block")
 Spare = choices("Spare", "random", "permuted")

@@ -38,12 +38,12 @@ from typing import Callable
 import torch
 
 from .. import limits as L
-from ..arch import build
+from ..arch import build, is_traced
 from ..bundle import Bundle, check_tensors
 from ..data import Data
 from ..errors import MgrowError
 from ..manifest import ArchSpec, Growth, Manifest, MixingSpec
-from . import datadriven
+from . import datadriven, traced
 from .grid import (Job, Result, Sources, block_sources, common, grid, grid_size, head_name,
                    plain_state)
 from .inits import INITS
@@ -106,6 +106,10 @@ def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
     `batch_size` and `steps` feed the data-driven methods; `bn_correct` corrects the BN
     running statistics without data (growth.norms).
     """
+    if method == "zero" or (members and is_traced(members[0].manifest.arch.name)):
+        manifest, tensors = traced.grow(members, factor, method, DEFAULT_NOISE.get(
+            method, 0.0) if noise is None else noise, seed, bn_correct)
+        return Grown(manifest, tensors)
     check_members(members, factor, method)
     if method == "mixture" and init not in INITS:
         raise MgrowError(f"unknown --init {init!r}: expected one of {', '.join(INITS)}")
@@ -196,5 +200,7 @@ METHODS: dict[str, Callable[[Job], Result]] = {
     "mixture": mixture, "random": random_growth, "net2net": net2net,
     "gradmax": _data_driven("gradmax"), "firefly": _data_driven("firefly"),
 }
+NAMES = (*METHODS, "zero")  # zero growth follows an observed plan (growth.traced), as every
+# method does on a builder's network
 DATA_METHODS = ("gradmax", "firefly")  # the methods that read training data
-DEFAULT_NOISE = {"net2net": 0.01, "firefly": 0.1}  # --noise when not given
+DEFAULT_NOISE = {"net2net": 0.01, "gradmax": 1e-5, "firefly": 0.01}  # --noise when not given

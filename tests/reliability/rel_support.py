@@ -157,8 +157,11 @@ def _child(args: list[str], cwd: str, out: str, err: str,
 @functools.cache
 def _forkserver() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "safetensors.torch", "mgrow.cli", "mgrow.phases",
-                                "mgrow.growth", "mgrow.convert", "mgrow.flops"])
+    # torch._dynamo too: torch imports it at the first op on a meta tensor (every bundle
+    # load sizes its net there), about 2 s each child would spend again
+    ctx.set_forkserver_preload(["torch", "torch._dynamo", "safetensors.torch", "mgrow.cli",
+                                "mgrow.phases", "mgrow.growth", "mgrow.convert",
+                                "mgrow.flops"])
     return ctx
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mgrow.manifest import FORMAT_VERSION, READABLE_VERSIONS
 from rel_support import (assert_refused, digits_arch, mgrow, mgrow_exec, watch, with_header,
                          with_manifest, with_tensors, write_bundle)
 
@@ -88,8 +89,9 @@ BAD_BUNDLES = {
                           "manifest is not valid JSON"),
     "manifest-not-object": (_header(lambda h: h["__metadata__"].update(mgrow="[1, 2]")),
                             "invalid manifest: not a JSON object"),
-    "newer-format-version": (_manifest(lambda m: m.update(format_version=3)),
-                             "manifest format version 3; this mgrow reads versions 1, 2"),
+    "newer-format-version": (_manifest(lambda m: m.update(format_version=FORMAT_VERSION + 1)),
+                             f"manifest format version {FORMAT_VERSION + 1}; this mgrow reads "
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))}"),
     "missing-field": (_manifest(lambda m: m.pop("lineage")), "invalid manifest: lineage"),
     "missing-nested-field": (_manifest(lambda m: m["arch"].pop("name")),
                              "invalid manifest: arch.name"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 
 from mgrow.bundle import load
 
+from conftest import run_main
 from rel_support import (TRAIN, Run, assert_one_line_error, assert_refused, digits_arch,
                          digits_spec, mgrow, snapshot, temps, watch, write_bundle)
 
@@ -308,29 +308,18 @@ class _OsWithFullDisk:
         return _FullDisk(os.fdopen(fd, *args, **kwargs))
 
 
-def _main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run mgrow.cli.main() in-process with sys.argv set; return (status, stdout, stderr)."""
-    from mgrow.cli import main
-    monkeypatch.setattr(sys, "argv", ["mgrow", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
-
-
 @pytest.mark.parametrize("command", ["export", "fuse", "convert", "finetune"])
-def test_disk_full(members, tmp_path, monkeypatch, capsys, command):
+def test_disk_full(members, tmp_path, monkeypatch, command):
     """The write of the output (or, training, of the first checkpoint) fails with ENOSPC:
     one line, no output, no temporary file. Training keeps its metrics log (the record of
     the epoch it finished), which a fresh run truncates."""
     import mgrow.files
     monkeypatch.setattr(mgrow.files, "os", _OsWithFullDisk())  # files.py's `os` only
     before = snapshot(tmp_path)
-    status, out, err = _main(monkeypatch, capsys, *_args(WRITERS[command], members), "-o",
-                             tmp_path / "out.safetensors")
+    run = run_main(*_args(WRITERS[command], members), "-o", tmp_path / "out.safetensors")
     monkeypatch.undo()
     written = "out.safetensors.ckpt" if command == "finetune" else "out.safetensors"
-    assert_one_line_error(Run(status, out, err),
+    assert_one_line_error(Run(run.returncode, run.stdout, run.stderr),
                           f"{written}: write failed \\(No space left on device\\); "
                           "nothing was written")
     after = snapshot(tmp_path)

@@ -1,0 +1,129 @@
+"""A growth plan, and how any network of its architecture is carried through it.
+
+A `Plan` says, for every tensor of a network, which old index each new index copies along
+each grown axis and whether the tensor reads that axis (fan-in) or produces it (fan-out);
+mgrow.arch.widen observes one. `apply` grows a network along it by a method: net2net (every
+unit copied, a read axis's copies share the old weight), zero (new units' fan-out zero),
+random. Shapes only on the meta device.
+
+Owns `Axis`, `Plan`, `apply`, `grow_tensor`, `interleave`, `METHODS`. Imports mgrow.errors
+only.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import MgrowError
+
+METHODS = ("net2net", "zero", "random")
+
+@dataclass
+class Axis:
+    """One grown axis of a tensor: new index k copies old index `index[k]`."""
+
+    dim: int
+    index: torch.Tensor
+    role: str  # "in": the tensor reads this axis (fan-in); "out": it produces it; "chan"
+
+
+@dataclass
+class Plan:
+    """How every tensor and layer of a network grows by `factor`."""
+
+    factor: int
+    axes: dict[str, list[Axis]] = field(default_factory=dict)  # tensor name -> its axes
+    attrs: dict[str, dict[str, object]] = field(default_factory=dict)  # module -> new attrs
+
+
+def interleave(n: int, g: int) -> torch.Tensor:
+    return torch.arange(n * g) // g
+
+
+def _copies(index: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.bincount(index, minlength=size)
+
+
+def _take(t: torch.Tensor, axes: list[Axis] | tuple[Axis, ...]) -> torch.Tensor:
+    for a in axes:
+        t = t.index_select(a.dim, a.index.to(t.device))
+    return t
+
+
+def apply(model: nn.Module, plan: Plan, method: str = "net2net", noise: float = 0.0,
+          seed: int = 0) -> nn.Module:
+    """Return a grown copy of `model` (same architecture as the plan's) by `method`.
+
+    net2net: every unit duplicated, a read axis's copies share the old weight (1/g each;
+    with `noise`, shares perturbed and summing to 1), so the function is kept. zero: old
+    units kept in their first copies, new units' fan-in random and fan-out zero (the
+    function is kept unless a norm layer averages over grown channels). random: new units'
+    fan-in and fan-out random. Works on meta tensors (shapes only) as well.
+    """
+    if method not in METHODS:
+        raise MgrowError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+    grown = copy.deepcopy(model)
+    modules = dict(grown.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, axes in plan.axes.items():
+            path, _, attr = name.rpartition(".")
+            m = modules[path]
+            t = getattr(m, attr)
+            new = grow_tensor(t.detach(), axes, method, noise, gen)
+            setattr(m, attr, nn.Parameter(new, requires_grad=t.requires_grad)
+                    if isinstance(t, nn.Parameter) else new)
+    for path, values in plan.attrs.items():
+        for k, v in values.items():
+            setattr(modules[path], k, v)
+    return grown
+
+
+def grow_tensor(t: torch.Tensor, axes: list[Axis], method: str, noise: float,
+          gen: torch.Generator | None) -> torch.Tensor:
+    new = _take(t, axes)
+    if t.is_meta or not new.is_floating_point():
+        return new
+    for a in axes:
+        if a.role != "in":
+            continue
+        shape = [1] * new.dim()
+        shape[a.dim] = len(a.index)
+        first = _first(a.index).view(shape)
+        copies = _copies(a.index, int(a.index.max()) + 1)[a.index].to(new.dtype).view(shape)
+        if method == "net2net":
+            share = 1 / copies
+            if noise:
+                u = torch.randn(len(a.index), generator=gen).view(shape) * noise
+                mean = torch.zeros(int(a.index.max()) + 1).index_add_(
+                    0, a.index, u.reshape(-1)) / _copies(a.index, int(a.index.max()) + 1)
+                share = share * (1 + u - mean[a.index].view(shape))
+            new = new * share
+        elif method == "zero":
+            new = new * first
+        else:  # random: new fan-in columns drawn at the old columns' scale
+            new = torch.where(first, new, torch.randn(new.shape, generator=gen) * new.std())
+    if method != "net2net":
+        out = [a for a in axes if a.role == "out"]
+        if out and t.dim() >= 2:  # new units' fan-in: random at the old rows' scale
+            a = out[0]
+            shape = [1] * new.dim()
+            shape[a.dim] = len(a.index)
+            fresh = torch.randn(new.shape, generator=gen) * t.std().clamp_min(1e-12)
+            keep = _first(a.index).view(shape)
+            if method == "zero":  # a new unit's weights on new inputs stay zero-safe
+                keep = keep.expand_as(new)
+            new = torch.where(keep, new, fresh)
+    return new
+
+
+def _first(index: torch.Tensor) -> torch.Tensor:
+    """Return a mask: True where the entry is the first copy of its old index."""
+    order = torch.arange(len(index))
+    first = torch.full((int(index.max()) + 1,), len(index)).scatter_reduce(
+        0, index, order, "amin")
+    return first[index] == order

@@ -1,0 +1,101 @@
+"""Networks from the builders users already hold: `torchvision:NAME` and `timm:NAME`.
+
+The builder is called with `num_classes`, `in_chans` (timm) and the manifest's builder
+options, never with pretrained weights: a checkpoint is something the user gives. A network
+grown by g (`ArchSpec.width` = g, an integer) is rebuilt by growing the built one along the
+plan mgrow.arch.widen observes, so a bundle alone rebuilds its model.
+
+Owns `is_traced`, `check_traced`, `build_traced`. Imports mgrow.errors, manifest and
+arch.widen; torchvision always, timm only when a timm name is asked for (`mgrow[timm]`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from ..errors import MgrowError
+from ..manifest import ArchSpec
+from .plans import apply
+from .widen import plan
+
+PREFIXES = ("torchvision:", "timm:")
+
+
+def is_traced(name: str) -> bool:
+    """Whether `name` names a builder's network (torchvision:NAME or timm:NAME)."""
+    return name.startswith(PREFIXES)
+
+
+def _timm():
+    if importlib.util.find_spec("timm") is None:
+        raise MgrowError("timm: networks need the optional extra: pip install 'mgrow[timm]'")
+    import timm
+    return timm
+
+
+def check_traced(name: str) -> str:
+    """Return `name` if its builder exists, else raise a one-line MgrowError."""
+    kind, _, model = name.partition(":")
+    if kind == "torchvision":
+        import torchvision
+        known = torchvision.models.list_models(module=torchvision.models)
+        if model not in known:
+            raise MgrowError(f"unknown torchvision classifier {model!r} (see "
+                             "torchvision.models.list_models(); for example "
+                             "torchvision:resnet18, torchvision:convnext_tiny)")
+    elif not _timm().is_model(model):
+        raise MgrowError(f"unknown timm model {model!r} (see timm.list_models())")
+    return name
+
+
+def _construct(arch: ArchSpec) -> nn.Module:
+    kind, _, model = arch.name.partition(":")
+    options = dict(arch.options)
+    try:
+        if kind == "torchvision":
+            import torchvision
+            if model.startswith("vit_"):  # the builder fixes its position embedding's size
+                options.setdefault("image_size", arch.input_size)
+            if arch.in_channels != 3:
+                raise MgrowError(f"{arch.name}: torchvision builders take 3 input channels, "
+                                 f"not {arch.in_channels}")
+            return torchvision.models.get_model(model, weights=None,
+                                                num_classes=arch.num_classes, **options)
+        return _timm().create_model(model, pretrained=False, num_classes=arch.num_classes,
+                                    in_chans=arch.in_channels, **options)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise MgrowError(f"{arch.name}: the builder refused its options {options}: "
+                         f"{str(e).splitlines()[0][:200]}") from None
+
+
+def build_traced(arch: ArchSpec, seed: int = 0, meta: bool = False) -> nn.Module:
+    """Return the network `arch` names, initialised by its builder (seeded) or on the meta
+    device; at width g > 1, grown along the observed plan (mgrow.arch.widen) and, unless
+    on the meta device, initialised afresh by every layer's own `reset_parameters`."""
+    check_traced(arch.name)
+    g = int(arch.width)
+    if g != arch.width:
+        raise MgrowError(f"{arch.name}: width {arch.width:g}; a traced network grows by "
+                         "whole factors (2, 3, ...)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if g == 1 and meta:
+            with torch.device("meta"):
+                return _construct(arch).eval()
+        model = _construct(arch).eval()
+    if g == 1:
+        return model
+    shape = (2, arch.in_channels, arch.input_size, arch.input_size)
+    steps = plan(model, g, torch.zeros(shape))
+    if meta:
+        return apply(model.to("meta"), steps, "zero")
+    grown = apply(model, steps, "random", seed=seed)
+    with torch.random.fork_rng(devices=[]):  # a fresh wide net: every layer's own init
+        torch.manual_seed(seed)
+        for m in grown.modules():
+            if hasattr(m, "reset_parameters") and any(True for _ in m.parameters(False)):
+                m.reset_parameters()
+    return grown

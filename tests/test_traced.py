@@ -1,0 +1,143 @@
+"""Builders' networks through the commands: convert exactly, grow, save, rebuild, export.
+
+Real torchvision (and timm) builders, real checkpoints written by torch.save, real bundles
+on disk, the CLI's own entry point; one short training run on real CIFAR-10.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torchvision
+
+from conftest import run_main
+from mgrow.bundle import load
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _logits(path, x):
+    with torch.no_grad():
+        return load(path).model().eval()(x)
+
+
+def test_convert_grow_export_keep_the_logits(tmp_path):
+    """A DDP-prefixed torchvision checkpoint converts exactly; net2net (noise 0) and zero
+    growth keep its logits through the bundle written and rebuilt from its manifest alone;
+    the .pt2 program computes the same logits without mgrow's classes."""
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(num_classes=7).eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}},
+               tmp_path / "net.pth")
+    small = tmp_path / "small.safetensors"
+    r = run_main("convert", tmp_path / "net.pth", "--arch", "torchvision:mobilenet_v3_small",
+                 "--input-size", 64, "-o", small)
+    assert r.returncode == 0, r.stderr
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        want = net(x)
+    assert _relative(_logits(small, x), want) <= 1e-6
+    manifest = load(small).manifest
+    assert (manifest.arch.num_classes, manifest.mixing) == (7, None)  # read from the head
+    for method in ("net2net", "zero"):
+        out = tmp_path / f"{method}.safetensors"
+        r = run_main("fuse", small, "--method", method, "--noise", 0, "-o", out)
+        assert r.returncode == 0, r.stderr
+        grown = load(out)
+        assert grown.manifest.arch.width == 2 and grown.manifest.growth.method == method
+        assert _relative(_logits(out, x), want) <= 1e-5
+        params = sum(t.numel() for k, t in grown.tensors.items() if "running" not in k)
+        assert params > 3 * sum(p.numel() for p in net.parameters())
+    r = run_main("export", tmp_path / "zero.safetensors", "-o", tmp_path / "zero.pt2")
+    assert r.returncode == 0, r.stderr
+    program = torch.export.load(tmp_path / "zero.pt2").module()
+    one = x[:1]
+    assert torch.allclose(program(one), _logits(tmp_path / "zero.safetensors", one),
+                          rtol=1e-5, atol=1e-5)
+
+
+def test_noise_and_factor_keep_the_function(tmp_path):
+    """net2net's noise perturbs how copies share their weight, never what they compute;
+    growing the grown net again, by 3, keeps the logits too."""
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    torch.save(net.state_dict(), tmp_path / "r.pt")
+    a = tmp_path / "a.safetensors"
+    assert run_main("convert", tmp_path / "r.pt", "--arch", "torchvision:resnet18",
+                    "--input-size", 32, "-o", a).returncode == 0
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = net(x)
+    b, c = tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    assert run_main("fuse", a, "--method", "net2net", "--noise", 0.1, "-o", b).returncode == 0
+    assert run_main("fuse", b, "--method", "net2net", "--factor", 3, "--noise", 0,
+                    "-o", c).returncode == 0  # grown again: the plan observed anew
+    assert load(c).manifest.arch.width == 6
+    assert _relative(_logits(b, x), want) <= 1e-5
+    assert _relative(_logits(c, x), want) <= 1e-5
+    w = load(b).tensors["layer1.0.conv2.weight"]  # copies of one input share its weight
+    assert not torch.allclose(w[:, 0::2], w[:, 1::2])  # unevenly, with noise
+    r = run_main("fuse", a, "--method", "random", "-o", tmp_path / "r.safetensors")
+    assert r.returncode == 0
+    assert _relative(_logits(tmp_path / "r.safetensors", x), want) > 1e-2
+
+
+def test_refusals_are_one_line(tmp_path):
+    """Unknown builders, methods a builder's net does not take yet, and networks whose
+    wiring the observation cannot follow are refused in one line, nothing written."""
+    r = run_main("train", "--arch", "torchvision:resnet9000", "--data", "digits",
+                 "-o", tmp_path / "x.safetensors")
+    assert r.returncode != 0 and "unknown torchvision classifier 'resnet9000'" in r.stderr
+    assert "Traceback" not in r.stderr
+    torch.save(torchvision.models.shufflenet_v2_x0_5(num_classes=10).state_dict(),
+               tmp_path / "s.pt")
+    s = tmp_path / "s.safetensors"
+    assert run_main("convert", tmp_path / "s.pt", "--arch", "torchvision:shufflenet_v2_x0_5",
+                    "--input-size", 64, "-o", s).returncode == 0
+    r = run_main("fuse", s, "--method", "mixture", "-o", tmp_path / "m.safetensors")
+    assert r.returncode != 0 and "does not grow torchvision:shufflenet_v2_x0_5 yet" in r.stderr
+    r = run_main("fuse", s, "--method", "net2net", "-o", tmp_path / "g.safetensors")
+    assert r.returncode != 0 and "stage" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "g.safetensors").exists()
+
+
+def test_timm_network_converts_and_grows(tmp_path):
+    """A timm model (outside torchvision) from timm's own checkpoint layout."""
+    import timm
+    torch.manual_seed(2)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=5).eval()
+    torch.save({"state_dict": net.state_dict(), "epoch": 3}, tmp_path / "t.pth.tar")
+    a = tmp_path / "a.safetensors"
+    r = run_main("convert", tmp_path / "t.pth.tar", "--arch", "timm:resnet10t",
+                 "--input-size", 32, "-o", a)
+    assert r.returncode == 0, r.stderr
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = net(x)
+    assert _relative(_logits(a, x), want) <= 1e-6
+    g = tmp_path / "g.safetensors"
+    assert run_main("fuse", a, "--method", "net2net", "--noise", 0, "-o", g).returncode == 0
+    assert _relative(_logits(g, x), want) <= 1e-5
+
+
+def test_training_a_builders_net_lowers_the_loss(tiny_cifar, tmp_path):
+    """One epoch on real CIFAR-10 images, then one more after growth: losses fall."""
+    a, g = tmp_path / "a.safetensors", tmp_path / "g.safetensors"
+    data = f"npz:{tiny_cifar}"
+    r = run_main("train", "--arch", "torchvision:resnet18", "--data", data, "--epochs", 2,
+                 "--lr", 0.02, "--batch-size", 50, "-o", a)
+    assert r.returncode == 0, r.stderr
+    phases = load(a).manifest.phases
+    assert phases[0].images == 600 and phases[0].arch.startswith("torchvision:resnet18")
+    losses = [float(v) for v in re.findall(r"epoch \d/2\s+loss ([\d.]+)", r.stdout + r.stderr)]
+    assert len(losses) == 2 and losses[1] < losses[0], r.stdout + r.stderr
+    assert run_main("fuse", a, "--method", "net2net", "-o", g).returncode == 0
+    r = run_main("finetune", g, "--epochs", 1, "--lr", 0.01, "--batch-size", 50,
+                 "-o", tmp_path / "f.safetensors")
+    assert r.returncode == 0, r.stderr
+    ledger = load(tmp_path / "f.safetensors").manifest.phases
+    assert len(ledger) == 2 and ledger[1].forward_flops > 3 * ledger[0].forward_flops
