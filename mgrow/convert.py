@@ -227,8 +227,11 @@ def check_family(state: dict[str, torch.Tensor], arch_name: str, src: object) ->
     if family in NAMES:
         raise MgrowError(f"{src}: looks like torchvision's {family}, not {arch_name}: pass "
                          f"--arch {family}")
-    raise MgrowError(f"{src}: looks like torchvision's {family}, which mgrow's own families "
-                     f"do not include: pass --arch torchvision:{family}")
+    import torchvision
+    name = family if family in torchvision.models.list_models() else "NAME"
+    raise MgrowError(f"{src}: looks like torchvision's {family}, which mgrow does not build "
+                     f"by hand: pass --arch torchvision:{name} (the builder's name, as "
+                     "torchvision.models.list_models() gives it)")
 
 
 FAMILY_INPUT = {"resnet": 224, "vgg": 224, "wrn": 32, "torchvision:": 224, "timm:": 224}

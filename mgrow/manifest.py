@@ -52,7 +52,8 @@ class MixingSpec(_Strict):
     """How a template-mixed network generates its weights (see mgrow.mixing)."""
 
     templates: int = Field(2, ge=1, le=L.MAX_TEMPLATES)  # a bank of L layers holds L*templates
-    sharing: Literal["pairs", "none"] = "pairs"  # banks shared by <= 2 consecutive same-shape layers
+    # banks shared by <= 2 consecutive same-shape layers, or none
+    sharing: Literal["pairs", "none"] = "pairs"
     edge_templates: int = Field(1, ge=1, le=L.MAX_TEMPLATES)  # of the stem and classifier
     freeze_edges: bool = True  # stem/classifier coefficients not trainable (the paper's default)
     factor: int = Field(1, ge=1, le=L.MAX_FACTOR)  # g: inner layers are g x g grids of tiles

@@ -96,6 +96,7 @@ def test_refusals_name_the_family(tmp_path):
     r = run_main("convert", tmp_path / "sq.pth", "--arch", "resnet50", "-o", tmp_path / "o.st")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "looks like torchvision's squeezenet, which mgrow does not build" in r.stderr
+    assert "pass --arch torchvision:NAME" in r.stderr  # a family, not a builder name
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "r.pth")
     r = run_main("convert", tmp_path / "r.pth", "--arch", "resnet34", "-o", tmp_path / "o.st")
     assert r.returncode == 2 and "looks like torchvision's resnet18, not resnet34: pass " \

@@ -128,13 +128,16 @@ def test_cli_choices_match_the_library():
     from typing import get_args
 
     from mgrow.cli import options as cli
-    from mgrow.growth import INITS, METHODS
-    from mgrow.manifest import ArchSpec, MixingSpec
+    from mgrow.growth import INITS, NAMES
+    from mgrow.manifest import ArchSpec, Growth, MixingSpec
+
+    def literal(model, field):
+        return list(get_args(model.model_fields[field].annotation))
 
     assert [e.value for e in cli.Init] == list(INITS)
-    assert [e.value for e in cli.Method] == list(METHODS)
-    assert [e.value for e in cli.Tiling] == list(get_args(MixingSpec.model_fields["tiling"].annotation))
-    assert [e.value for e in cli.Sharing] == list(get_args(MixingSpec.model_fields["sharing"].annotation))
+    assert [e.value for e in cli.Method] == list(NAMES) == literal(Growth, "method")
+    assert [e.value for e in cli.Tiling] == literal(MixingSpec, "tiling")
+    assert [e.value for e in cli.Sharing] == literal(MixingSpec, "sharing")
     assert [e.value for e in cli.Norm] == list(get_args(ArchSpec.model_fields["norm"].annotation))
     from mgrow.convert import SPARES
     assert [e.value for e in cli.Spare] == list(SPARES)

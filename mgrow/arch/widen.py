@@ -16,8 +16,8 @@ or produced (fan-out). `apply` carries any network of the same architecture thro
 with a growth method; `plan` checks the duplicated probe computes the old logits and
 refuses, naming the layer, where it does not.
 
-Owns `plan` (the observation). Imports mgrow.errors and arch.plans (Plan, and the copy
-rule the probe is grown by).
+Owns `plan` (the observation). Imports mgrow.errors, limits (the memory check) and
+arch.plans (Plan, and the copy rule the probe is grown by).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import MgrowError
+from ..limits import check_memory
 from .plans import Axis, Plan, grow_tensor, interleave
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -294,6 +295,9 @@ def plan(model: nn.Module, factor: int, example: torch.Tensor) -> Plan:
     """
     if factor < 2:
         raise MgrowError(f"growth factor must be at least 2, not {factor}")
+    size = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    check_memory(size * 8 * (1 + factor * factor) + size * 4 * factor * factor,
+                 f"observing the growth of a network of {size:,} values by {factor}")
     probe = copy.deepcopy(model).double().eval()
     _randomise(probe, seed=0)
     gen = torch.Generator().manual_seed(0)  # a batch wide enough that no channel is all zero

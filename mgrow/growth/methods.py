@@ -20,6 +20,10 @@ weight divided by the input replication g (stem: not divided), plus `noise` on n
 `gradmax` and `firefly` read a few batches of data (see growth.datadriven); their growth
 step's training FLOPs become a ledger row.
 
+Builders' networks (torchvision:, timm:) and `zero` growth go another way: growth.traced
+grows along the plan mgrow.arch.widen observes (net2net, zero, random), whatever code wires
+the layers.
+
 Growing again: a grown bundle is accepted as the only member. Its whole grid becomes the
 carried region of the next one: a mixed net of factor G grows to factor G x g (tiles keep
 the original member size, owners stay j mod m, the tiling must stay the same, the

@@ -24,13 +24,13 @@ from ..manifest import Growth, Manifest
 def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: int,
          bn_correct: bool) -> tuple[Manifest, dict[str, torch.Tensor]]:
     """Return the manifest and tensors of members[0] grown `factor` times wider."""
+    if len(members) != 1:
+        raise MgrowError(f"--method {method} widens one network; give only A")
     first = members[0]
     name = first.manifest.arch.name
     if method not in METHODS:
         raise MgrowError(f"--method {method} does not grow {name} yet: use one of "
                          f"{', '.join(METHODS)}")
-    if len(members) > 1:
-        raise MgrowError(f"--method {method} widens one network; give only A")
     if first.manifest.mixing is not None:
         raise MgrowError(f"{first.path}: template-mixed; --method {method} grows a plain "
                          "network (`mgrow export` writes one)")

@@ -6,6 +6,7 @@ nothing written (rel_support.assert_refused).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -128,10 +129,18 @@ def _text(mangle):
     return make
 
 
+LINEAGE_OPTIONS = re.compile(r'("lineage":\{"operation":"[^"]*","options":\{)')
+
+
+def _into_lineage_options(text: str, entry: str) -> str:
+    """Return manifest `text` with `entry` ("key":value,) first in lineage.options."""
+    return LINEAGE_OPTIONS.sub(lambda m: m.group(1) + entry, text, count=1)
+
+
 def _nested(depth: int):
     """Put `depth` nested lists into lineage.options."""
-    return _text(lambda t: t.replace('"options":{', '"options":{"deep":' + "[" * depth
-                                     + "]" * depth + ","))
+    return _text(lambda t: _into_lineage_options(t, '"deep":' + "[" * depth + "]" * depth
+                                                 + ","))
 
 
 def _header_nested(depth: int):
@@ -155,7 +164,7 @@ BAD_MANIFESTS = {
     "classes-huge": (_set("arch", "num_classes", value=10**12), "arch.num_classes"),
     "channels-zero": (_set("arch", "in_channels", value=0), "arch.in_channels"),
     "input-size-huge": (_set("arch", "input_size", value=10**9), "arch.input_size"),
-    "name-huge": (_set("arch", "name", value="wrn-10-1" + "x" * 100), "arch.name"),
+    "name-huge": (_set("arch", "name", value="wrn-10-1" + "x" * 200), "arch.name"),
     "templates-huge": (_set("mixing", "templates", value=10**9), "mixing.templates"),
     "factor-huge": (_set("mixing", "factor", value=10**6), "mixing.factor"),
     "edge-templates-zero": (_set("mixing", "edge_templates", value=0),
@@ -187,8 +196,8 @@ BAD_MANIFESTS = {
                             "manifest is not valid JSON"),
     "nested-40": (_nested(40), "manifest nests 4[0-9] levels deep"),
     "nested-100000": (_nested(100_000), "manifest nests 100[0-9]{3} levels deep"),
-    "manifest-17-MB": (_text(lambda t: t.replace('"options":{', '"options":{"pad":"'
-                                                 + "x" * (17 << 20) + '",')),
+    "manifest-17-MB": (_text(lambda t: _into_lineage_options(t, '"pad":"' + "x" * (17 << 20)
+                                                             + '",')),
                        "manifest of .* bytes exceeds the limit"),
     "header-nested-100000": (_header_nested(100_000), "safetensors header nests"),
 }
