@@ -110,6 +110,21 @@ def make_bundle(path: Path, arch: ArchSpec, mixing: MixingSpec | None = MixingSp
     return load(save_model(path, man, model))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _return_freed_memory():
+    """After each test file, hand the heap it freed back to the system: an xdist worker
+    runs many files, and glibc keeps what a large one freed (torch's big tensors are
+    mmap'd and go back anyway; the many small ones are not)."""
+    yield
+    import ctypes
+    import ctypes.util
+    import gc
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name and hasattr(ctypes.CDLL(name), "malloc_trim"):
+        ctypes.CDLL(name).malloc_trim(0)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """Report the suite's peak resident memory: this process (VmHWM) and its largest child."""
     import re
