@@ -46,6 +46,15 @@ def cifar_batch() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
+def cifar_256():
+    """256 real CIFAR-10 training images, loaded once (the data-driven growth tests)."""
+    if not CIFAR.exists():
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR}")
+    from mgrow.data import DataSource
+    return DataSource(f"npz:{CIFAR}", subset=256).load()
+
+
+@pytest.fixture(scope="session")
 def tiny_cifar(tmp_path_factory) -> Path:
     """A real CIFAR-10 folder of 300 training and 200 test images (npz layout)."""
     if not CIFAR.exists():

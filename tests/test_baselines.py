@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from mgrow.arch import build
 from mgrow.bundle import Bundle
-from mgrow.data import DataSource
 from mgrow.flops import forward_flops
 from mgrow.growth import Job, fuse
 from mgrow.growth import firefly as ff
@@ -30,7 +29,7 @@ from mgrow.growth.grid import block_sources, common, head_name, plain_state
 from mgrow.growth.units import SCALE, Steps, concat, find_groups, widen
 from mgrow.manifest import ArchSpec
 
-from conftest import CIFAR, make_bundle
+from conftest import make_bundle
 
 BLOCK = ArchSpec(name="wrn-16-1", width=0.5, norm="block")  # the paper's CIFAR WRN layout
 EVERY = ArchSpec(name="wrn-10-1", width=0.5)  # BN before every conv
@@ -38,10 +37,8 @@ BATCH, STEPS = 32, 2
 
 
 @pytest.fixture(scope="module")
-def data():
-    if not CIFAR.exists():
-        pytest.skip(f"real CIFAR-10 not found at {CIFAR}")
-    return DataSource(f"npz:{CIFAR}", subset=256).load()
+def data(cifar_256):
+    return cifar_256
 
 
 @pytest.fixture(scope="module")

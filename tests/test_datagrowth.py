@@ -19,7 +19,6 @@ from mgrow.growth.gradmax import singular
 from mgrow.growth.units import Steps, find_groups
 from mgrow.phases import fuse_files
 from mgrow.manifest import ArchSpec
-from mgrow.data import DataSource
 
 from conftest import CIFAR, make_bundle, run_main
 
@@ -29,10 +28,8 @@ BATCH, STEPS = 32, 2
 
 
 @pytest.fixture(scope="module")
-def data():
-    if not CIFAR.exists():
-        pytest.skip(f"real CIFAR-10 not found at {CIFAR}")
-    return DataSource(f"npz:{CIFAR}", subset=256).load()
+def data(cifar_256):
+    return cifar_256
 
 
 @pytest.fixture(scope="module")

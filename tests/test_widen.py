@@ -13,8 +13,10 @@ means) that would hide a coupling error, so every model gets random values there
 from __future__ import annotations
 
 import copy
+import importlib.util
 import functools
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,18 +35,15 @@ SIZE = 32
 TOL = 1e-5
 
 
-def liven(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every constant parameter and norm statistic random values at its scale."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if not (t.is_floating_point() and t.numel() > 1):
-                continue
-            live = isinstance(t, nn.Parameter) or name.endswith(("running_mean", "running_var"))
-            if live and bool((t == t.flatten()[0]).all()):
-                r = torch.rand(t.shape, generator=gen)
-                t.copy_((r - 0.5) * 0.2 if float(t.flatten()[0]) == 0 else 0.5 + r)
-    return model
+def _zoo():
+    spec = importlib.util.spec_from_file_location(
+        "zoo", Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+liven = _zoo().liven  # every constant tensor given random values (benchmarks/zoo.py's)
 
 
 def _tv(name: str) -> nn.Module:
