@@ -141,3 +141,33 @@ def test_training_a_builders_net_lowers_the_loss(tiny_cifar, tmp_path):
     assert r.returncode == 0, r.stderr
     ledger = load(tmp_path / "f.safetensors").manifest.phases
     assert len(ledger) == 2 and ledger[1].forward_flops > 3 * ledger[0].forward_flops
+
+
+def test_zero_growth_of_a_plain_family_net_and_a_fresh_wide_builders_net(tmp_path):
+    """`--method zero` grows mgrow's own plain families along an observed plan, into the
+    family's own wide layout (the bundle loads), keeping the logits; a template-mixed one
+    is refused in one line. A builder's net built wide from scratch is initialised afresh
+    (not copies of a narrow one) with the grown layout's shapes."""
+    from conftest import make_bundle
+    from mgrow.arch import build
+    from mgrow.manifest import ArchSpec
+    arch = ArchSpec(name="wrn-10-1")
+    plain = make_bundle(tmp_path / "p.safetensors", arch, mixing=None, seed=3)
+    out = tmp_path / "z.safetensors"
+    r = run_main("fuse", plain.path, "--method", "zero", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert load(out).manifest.arch == arch.widened(2)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        want = plain.model().eval()(x)
+    assert _relative(_logits(out, x), want) <= 1e-5
+    mixed = make_bundle(tmp_path / "m.safetensors", arch, seed=3)
+    r = run_main("fuse", mixed.path, "--method", "zero", "-o", tmp_path / "n.safetensors")
+    assert r.returncode != 0 and "template-mixed" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    wide = ArchSpec(name="torchvision:resnet18", width=2, input_size=32)
+    fresh, shapes = build(wide, seed=0), build(wide, meta=True)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == \
+        {k: v.shape for k, v in shapes.state_dict().items()}
+    w = fresh.layer1[0].conv1.weight
+    assert w.shape == (128, 128, 3, 3) and not torch.equal(w[0::2], w[1::2])

@@ -22,6 +22,7 @@ from ..errors import MgrowError
 
 METHODS = ("net2net", "zero", "random")
 
+
 @dataclass
 class Axis:
     """One grown axis of a tensor: new index k copies old index `index[k]`."""
@@ -41,11 +42,8 @@ class Plan:
 
 
 def interleave(n: int, g: int) -> torch.Tensor:
+    """Return the index of n channels each copied g times in place: new j is old j // g."""
     return torch.arange(n * g) // g
-
-
-def _copies(index: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.bincount(index, minlength=size)
 
 
 def _take(t: torch.Tensor, axes: list[Axis] | tuple[Axis, ...]) -> torch.Tensor:
@@ -84,40 +82,38 @@ def apply(model: nn.Module, plan: Plan, method: str = "net2net", noise: float = 
 
 
 def grow_tensor(t: torch.Tensor, axes: list[Axis], method: str, noise: float,
-          gen: torch.Generator | None) -> torch.Tensor:
+                gen: torch.Generator | None) -> torch.Tensor:
+    """Return `t` grown along `axes` by `method` (see `apply`); `gen` draws the noise and
+    the new units' weights (unused by net2net at noise 0)."""
     new = _take(t, axes)
     if t.is_meta or not new.is_floating_point():
         return new
-    for a in axes:
-        if a.role != "in":
-            continue
+
+    def along(a: Axis, v: torch.Tensor) -> torch.Tensor:  # broadcast over a's dim
         shape = [1] * new.dim()
         shape[a.dim] = len(a.index)
-        first = _first(a.index).view(shape)
-        copies = _copies(a.index, int(a.index.max()) + 1)[a.index].to(new.dtype).view(shape)
-        if method == "net2net":
-            share = 1 / copies
+        return v.view(shape)
+
+    def randn() -> torch.Tensor:
+        return torch.randn(new.shape, generator=gen, dtype=new.dtype)
+
+    for a in (a for a in axes if a.role == "in"):
+        counts = torch.bincount(a.index)
+        if method == "net2net":  # copies share the weight; noise moves shares, sum kept
+            share = 1 / counts[a.index].to(new.dtype)
             if noise:
-                u = torch.randn(len(a.index), generator=gen).view(shape) * noise
-                mean = torch.zeros(int(a.index.max()) + 1).index_add_(
-                    0, a.index, u.reshape(-1)) / _copies(a.index, int(a.index.max()) + 1)
-                share = share * (1 + u - mean[a.index].view(shape))
-            new = new * share
+                u = torch.randn(len(a.index), generator=gen, dtype=new.dtype) * noise
+                mean = torch.zeros(len(counts), dtype=new.dtype).index_add_(0, a.index, u)
+                share = share * (1 + u - (mean / counts)[a.index])
+            new = new * along(a, share)
         elif method == "zero":
-            new = new * first
+            new = new * along(a, _first(a.index))
         else:  # random: new fan-in columns drawn at the old columns' scale
-            new = torch.where(first, new, torch.randn(new.shape, generator=gen) * new.std())
-    if method != "net2net":
-        out = [a for a in axes if a.role == "out"]
-        if out and t.dim() >= 2:  # new units' fan-in: random at the old rows' scale
-            a = out[0]
-            shape = [1] * new.dim()
-            shape[a.dim] = len(a.index)
-            fresh = torch.randn(new.shape, generator=gen) * t.std().clamp_min(1e-12)
-            keep = _first(a.index).view(shape)
-            if method == "zero":  # a new unit's weights on new inputs stay zero-safe
-                keep = keep.expand_as(new)
-            new = torch.where(keep, new, fresh)
+            new = torch.where(along(a, _first(a.index)), new, randn() * new.std())
+    out = [a for a in axes if a.role == "out"]
+    if method != "net2net" and out and t.dim() >= 2:  # new units' fan-in: random, at the
+        keep = along(out[0], _first(out[0].index))  # old rows' scale
+        new = torch.where(keep, new, randn() * t.std().clamp_min(1e-12))
     return new
 
 

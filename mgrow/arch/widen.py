@@ -114,15 +114,15 @@ def _match(old: torch.Tensor, new: torch.Tensor, dim: int, where: str) -> torch.
     hi = torch.searchsorted(keys, probe + tol, right=True)
     index = order[lo.clamp_max(len(order) - 1)]
     ok = (hi > lo) & ((b - a[index]).norm(dim=1) <= tol)
-    for j in (hi - lo > 1).nonzero().flatten().tolist():  # equal keys: a class of old
-        cands = order[lo[j]:hi[j]]  # channels equal on the probe (replicated positions)
+    dealt: dict[int, int] = {}  # new channels dealt so far, by class (its first old channel)
+    for j in (hi - lo > 1).nonzero().flatten().tolist():  # several keys in the window:
+        cands = order[lo[j]:hi[j]]  # keep the old channels this one equals
         cands = cands[(a[cands] - b[j]).norm(dim=1) <= tol].sort().values
         ok[j] = len(cands) > 0
-        if len(cands) == 1:  # the window held other channels too: this one is equal
-            index[j] = cands[0]
-        elif len(cands) > 1:  # deal the class's new channels to its old ones, in order
-            index[j] = cands[int((hi[:j] - lo[:j] > 1).logical_and(lo[:j] == lo[j]).sum())
-                             % len(cands)]
+        if len(cands):  # a class of channels equal on the probe (replicated positions):
+            k = dealt.get(int(cands[0]), 0)  # its new channels dealt to its old ones, in
+            dealt[int(cands[0])] = k + 1  # order
+            index[j] = cands[k % len(cands)]
     if not bool(ok.all()):
         lost = int((~ok).nonzero()[0])
         raise MgrowError(f"{where}: its grown input channel {lost} copies none of its old "
@@ -134,7 +134,6 @@ def _match(old: torch.Tensor, new: torch.Tensor, dim: int, where: str) -> torch.
 class _Planner:
     def __init__(self, model: nn.Module, g: int) -> None:
         self.g, self.plan = g, Plan(g)
-        self.model = model
         self.names = {m: n for n, m in model.named_modules()}
 
     def tensor(self, module: nn.Module, attr: str, *axes: Axis) -> None:
@@ -344,8 +343,6 @@ def plan(model: nn.Module, factor: int, example: torch.Tensor) -> Plan:
     try:
         with torch.no_grad(), _NoDeadUnits():
             after = probe(example)
-    except MgrowError:
-        raise
     except (RuntimeError, ValueError, AssertionError, IndexError) as e:
         raise MgrowError(f"the grown network does not run: {str(e).splitlines()[0][:200]}"
                          ) from None

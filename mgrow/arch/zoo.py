@@ -54,14 +54,14 @@ def check_traced(name: str) -> str:
 def _construct(arch: ArchSpec) -> nn.Module:
     kind, _, model = arch.name.partition(":")
     options = dict(arch.options)
+    if kind == "torchvision" and arch.in_channels != 3:
+        raise MgrowError(f"{arch.name}: torchvision builders take 3 input channels, not "
+                         f"{arch.in_channels}")
+    if kind == "torchvision" and model.startswith("vit_"):  # the builder fixes its position
+        options.setdefault("image_size", arch.input_size)  # embedding's size
     try:
         if kind == "torchvision":
             import torchvision
-            if model.startswith("vit_"):  # the builder fixes its position embedding's size
-                options.setdefault("image_size", arch.input_size)
-            if arch.in_channels != 3:
-                raise MgrowError(f"{arch.name}: torchvision builders take 3 input channels, "
-                                 f"not {arch.in_channels}")
             return torchvision.models.get_model(model, weights=None,
                                                 num_classes=arch.num_classes, **options)
         return _timm().create_model(model, pretrained=False, num_classes=arch.num_classes,
@@ -74,7 +74,8 @@ def _construct(arch: ArchSpec) -> nn.Module:
 def build_traced(arch: ArchSpec, seed: int = 0, meta: bool = False) -> nn.Module:
     """Return the network `arch` names, initialised by its builder (seeded) or on the meta
     device; at width g > 1, grown along the observed plan (mgrow.arch.widen) and, unless
-    on the meta device, initialised afresh by every layer's own `reset_parameters`."""
+    on the meta device, initialised afresh by every layer's own `reset_parameters` (class
+    tokens and position embeddings keep the builder's values, each copied g times)."""
     check_traced(arch.name)
     g = int(arch.width)
     if g != arch.width:
@@ -92,10 +93,11 @@ def build_traced(arch: ArchSpec, seed: int = 0, meta: bool = False) -> nn.Module
     steps = plan(model, g, torch.zeros(shape))
     if meta:
         return apply(model.to("meta"), steps, "zero")
-    grown = apply(model, steps, "random", seed=seed)
+    grown = apply(model, steps)
     with torch.random.fork_rng(devices=[]):  # a fresh wide net: every layer's own init
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # (nn.MultiheadAttention's is the private one)
         for m in grown.modules():
-            if hasattr(m, "reset_parameters") and any(True for _ in m.parameters(False)):
-                m.reset_parameters()
+            reset = getattr(m, "reset_parameters", getattr(m, "_reset_parameters", None))
+            if reset is not None and any(True for _ in m.parameters(False)):
+                reset()
     return grown

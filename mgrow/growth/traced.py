@@ -6,14 +6,13 @@ g, whatever Python code wires its layers; this module turns that into `fuse`'s o
 with --noise, which perturbs the shares), `zero` (new units with zero fan-out: the function
 is kept unless a LayerNorm or GroupNorm averages over grown channels), `random`.
 
-Owns `grow`. Imports mgrow.arch (widen, build), bundle, errors, manifest.
+Owns `grow`. Imports mgrow.arch (widen, plans), bundle, errors, manifest.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..arch import is_traced
 from ..arch.plans import METHODS, apply
 from ..arch.widen import plan
 from ..bundle import Bundle
@@ -37,8 +36,6 @@ def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: in
     if bn_correct:
         raise MgrowError("--bn-correct corrects mixture and grid growth; --method "
                          f"{method} copies every unit's statistics with it")
-    if not is_traced(name) and method != "zero":
-        raise MgrowError(f"--method {method} on {name}: grown by the grid methods")
     arch = first.manifest.arch
     model = first.model().eval()
     example = torch.zeros(2, arch.in_channels, arch.input_size, arch.input_size)
