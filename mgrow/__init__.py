@@ -1,8 +1,8 @@
-"""mgrow: grow a trained network into a wider one by recombining its learned templates.
+"""mgrow: grow a trained network wider (or deeper) by recombining its learned templates.
 
 The Python API (see mgrow.api and docs/api.md): `mgrow.load`, `mgrow.build_model`,
-`mgrow.train`, `mgrow.train_sibling`, `mgrow.fuse`, `mgrow.finetune`, `mgrow.evaluate`,
-`mgrow.count_flops`, `mgrow.info`, `mgrow.cka`. They are imported on first use, so
+`mgrow.train`, `mgrow.train_sibling`, `mgrow.fuse`, `mgrow.deepen`, `mgrow.finetune`,
+`mgrow.evaluate`, `mgrow.count_flops`, `mgrow.info`, `mgrow.cka`. They are imported on first use, so
 `import mgrow` (and `mgrow --help`) does not load torch.
 
 The package root is the top of the import graph: no module of mgrow imports it (see
@@ -13,7 +13,7 @@ from .errors import MgrowError
 from .version import __version__
 
 _API = ("Bundle", "DataSource", "Outcome", "TrainConfig", "build_model", "cka", "count_flops",
-        "evaluate", "finetune", "fuse", "info", "load", "train", "train_sibling",
+        "deepen", "evaluate", "finetune", "fuse", "info", "load", "train", "train_sibling",
         "write_heatmap")
 __all__ = ["MgrowError", "__version__", *_API]
 

@@ -41,16 +41,16 @@ from .bundle import load as load_bundle
 from .data import DataSource
 from .engine import Progress, TrainConfig
 from .errors import MgrowError
-from .files import check_writable, sha256_file, write_atomic
+from .files import check_writable, write_atomic
 from .flops import ledger, param_counts
-from .growth import INITS, NAMES
-from .manifest import Lineage
+from .history import walk
+from .growth import DEEPEN_INITS, INITS, NAMES
 from .phases import Outcome, grown_output
 from .similarity import CkaResult
 
 PathLike = str | os.PathLike
 __all__ = ["Bundle", "DataSource", "MgrowError", "Outcome", "TrainConfig", "build_model",
-           "cka", "count_flops", "evaluate", "finetune", "fuse", "info", "load", "train",
+           "cka", "count_flops", "deepen", "evaluate", "finetune", "fuse", "info", "load", "train",
            "train_sibling", "write_heatmap"]
 
 
@@ -148,6 +148,9 @@ Sharing = Literal["pairs", "none"]
 Tiling = Literal["vertical", "horizontal"]
 Init = Literal[tuple(INITS)]  # type: ignore[valid-type]  # the growth layer's own tables
 Method = Literal[NAMES]  # type: ignore[valid-type]
+DeepInit = Literal[tuple(DEEPEN_INITS)]  # type: ignore[valid-type]
+Blocks = Annotated[int, Field(ge=1, le=L.MAX_DEPTH)]
+Stage = Annotated[int, Field(ge=1, le=8)] | Literal["all", "last"]
 # the command line's upper bounds of the knobs, which TrainConfig leaves open
 _KNOB_MAX = {"epochs": L.MAX_EPOCHS, "lr": L.MAX_LR, "batch_size": L.MAX_BATCH, "seed": L.MAX_SEED,
              "weight_decay": L.MAX_WEIGHT_DECAY, "warmup_epochs": L.MAX_EPOCHS}
@@ -273,6 +276,19 @@ def fuse_bundles(a: PathLike | Outcome, b: PathLike | Outcome | None = None,
 
 
 @checked
+def deepen(bundle: BundleIn, output: MaybePathOut = None, *, blocks: Blocks = 1,
+           stage: Stage = "last", init: DeepInit | None = None, seed: Seed = 0,
+           force: bool = False) -> Path:
+    """Insert `blocks` new residual blocks at the end of stage `stage` (1-based, "last" or
+    "all") of a WRN or ResNet bundle, keeping its function (`mgrow deepen`); return the
+    path. `init`: zero, copy (plain nets) or mixture (template-mixed nets; their default;
+    zero for plain ones). The default output is BUNDLE-deep.safetensors next to it."""
+    from .phases import deepen_files
+    return deepen_files(_path(bundle), output, force=force, blocks=blocks, stage=stage,
+                        init=init, seed=seed)[0]
+
+
+@checked
 def finetune(bundle: BundleIn, output: PathOut, *, epochs: Epochs | None = None,
              budget: Budget | None = None, reference_epochs: RefEpochs | None = None,
              data: MaybeDataIn = None, config: ConfigIn = None,
@@ -325,81 +341,10 @@ def info(bundle: BundleIn, reference_epochs: RefEpochs | None = None) -> dict:
         "arch": man.arch.model_dump(), "mixing": None if man.mixing is None
         else man.mixing.model_dump(), "data": None if man.data is None else man.data.model_dump(),
         "growth": None if man.growth is None else man.growth.model_dump(),
-        "lineage": _Walk().lineage(man.lineage, path.parent, depth=0),
+        "lineage": walk(man.lineage, path.parent),
         "params": param_counts(b.tensors, man.arch, man.mixing),
         "ledger": ledger(man, reference_epochs),
     }
-
-
-MAX_DEPTH = 32  # lineage levels followed on disk
-
-
-class _Walk:
-    """One `info` call's walk down a lineage: each file hashed and each (file, sha256) loaded
-    once, however often parents name it; a parent that cannot be read is marked, not fatal."""
-
-    def __init__(self) -> None:
-        self.hashes: dict[str, str | MgrowError] = {}  # real path -> sha256 or why not
-        self.seen: dict[tuple[str, str], dict] = {}  # (real path, sha256) -> first entry
-
-    def lineage(self, lin: Lineage, folder: Path, depth: int) -> dict:
-        """Return a lineage as a dict whose parents carry their own lineage when found."""
-        return {"operation": lin.operation, "options": lin.options,
-                "parents": [self.parent(p.path, p.sha256, folder, depth) for p in lin.parents],
-                "history": [{k: v for k, v in h.items() if k != "history"}
-                            for h in lin.history]}
-
-    def sha256(self, p: Path) -> str | MgrowError:
-        """Return the file's sha256, or the error reading it gave (each file read once)."""
-        if (key := os.path.realpath(p)) not in self.hashes:
-            try:
-                self.hashes[key] = sha256_file(p)
-            except MgrowError as e:
-                self.hashes[key] = e
-        return self.hashes[key]
-
-    def parent(self, recorded: str, sha256: str, folder: Path, depth: int) -> dict:
-        """Return a parent: its recorded path and hash, where it was found and its lineage."""
-        entry: dict[str, Any] = {"path": recorded, "sha256": sha256}
-        found = [p for p in (Path(recorded), folder / Path(recorded).name) if _is_file(p)]
-        match, failed = None, None
-        for p in found:  # hashed in turn: the first that matches is the parent
-            if (h := self.sha256(p)) == sha256:
-                match = p
-                break
-            failed = failed or (h if isinstance(h, MgrowError) else None)
-        if match is None and failed is not None:
-            return entry | {"status": "unreadable", "reason": _line(failed)}
-        if match is None:
-            return entry | {"status": "changed" if found else "missing"}
-        entry |= {"status": "found", "found_at": str(match)}
-        key = (os.path.realpath(match), sha256)
-        if key in self.seen:  # shown in full above: a reference, not a second walk
-            first = self.seen[key]
-            return entry | {k: first[k] for k in ("status", "reason", "description")
-                            if k in first} | {"seen_above": True}
-        if depth + 1 >= MAX_DEPTH:
-            return entry
-        self.seen[key] = entry
-        try:
-            parent = load(match)
-        except (MgrowError, OSError) as e:  # not a bundle (a .pth), truncated, unreadable
-            entry.update(status="unreadable", reason=_line(e))
-            return entry
-        entry["description"] = parent.manifest.describe()
-        entry["lineage"] = self.lineage(parent.manifest.lineage, match.parent, depth + 1)
-        return entry
-
-
-def _is_file(p: Path) -> bool:  # a path this system cannot look up (too long, say) is
-    try:  # as missing as one that is not there
-        return p.is_file()
-    except OSError:
-        return False
-
-
-def _line(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__  # a message on one line
 
 
 @checked
@@ -415,7 +360,7 @@ def cka(a: BundleIn, b: BundleIn, data: MaybeDataIn = None, images: CkaImages | 
     unbiased HSIC (>= 4 images). Images whose n x n Gram matrices would not fit the memory
     are refused before any forward pass.
     """
-    from .arch import build
+    from .arch import build, same_blocks
     from .data import with_normalisation
     from .engine import resolve_device
     from .phases import check_fits
@@ -431,7 +376,10 @@ def cka(a: BundleIn, b: BundleIn, data: MaybeDataIn = None, images: CkaImages | 
                    data_, n, dev)
     data_b = data_ if bb.manifest.data is None else with_normalisation(data_, bb.manifest.data)
     x, xb = first_images(data_, n).to(dev), first_images(data_b, n).to(dev)
-    return cka_models(ba.model().to(dev), bb.model().to(dev), x, xb, debiased)
+    result = cka_models(ba.model().to(dev), bb.model().to(dev), x, xb, debiased)
+    result.renamed = same_blocks(ba.manifest.arch, bb.manifest.arch)
+    return result
+
 
 
 @checked

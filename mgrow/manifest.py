@@ -17,8 +17,8 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import limits as L
 
-FORMAT_VERSION = 3  # 2: `reference_epochs`; 3: `ArchSpec.options` (builders' networks)
-READABLE_VERSIONS = (1, 2, 3)  # older manifests are read as the current version
+FORMAT_VERSION = 4  # 2: `reference_epochs`; 3: `ArchSpec.options`; 4: `ArchSpec.depths`
+READABLE_VERSIONS = (1, 2, 3, 4)  # older manifests are read as the current version
 
 
 class _Strict(BaseModel):
@@ -42,6 +42,10 @@ class ArchSpec(_Strict):
     input_size: int = Field(32, ge=8, le=L.MAX_INPUT_SIZE)
     norm: Literal["every", "block"] = "every"  # WRN only: BN before every conv or per block
     options: dict[Annotated[str, Field(max_length=64)], Option] = Field({}, max_length=32)
+    # blocks per stage where `mgrow deepen` made them differ from the name's (WRN: 3 stages,
+    # ResNet: 4); None: the name's own
+    depths: tuple[Annotated[int, Field(ge=1, le=L.MAX_DEPTH)], ...] | None = Field(
+        None, min_length=1, max_length=8)
 
     def widened(self, factor: int) -> ArchSpec:
         """Return this spec with every layer `factor` times wider."""
@@ -171,7 +175,7 @@ class Manifest(_Strict):
     @classmethod
     def _upgrade(cls, raw: Any) -> Any:
         """Return an older manifest as the current version (each version only added an
-        optional field: reference_epochs, then ArchSpec.options)."""
+        optional field: reference_epochs, ArchSpec.options, ArchSpec.depths)."""
         if isinstance(raw, dict) and raw.get("format_version") in READABLE_VERSIONS:
             return {**raw, "format_version": FORMAT_VERSION}
         return raw
@@ -190,7 +194,8 @@ class Manifest(_Strict):
     def describe(self) -> str:
         """Return a one-phrase description such as 'wrn-16-2 x0.5 mixed g=2'."""
         a = self.arch
-        s = a.name + ("" if a.width == 1 else f" x{a.width:g}")
+        s = a.name + ("" if a.depths is None else " depths " + "-".join(map(str, a.depths)))
+        s += "" if a.width == 1 else f" x{a.width:g}"
         if self.mixing is None:
             return s + " plain"
         return s + f" mixed g={self.mixing.factor}" if self.mixing.factor > 1 else s + " mixed"

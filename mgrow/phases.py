@@ -31,7 +31,7 @@ from .errors import MgrowError
 from .files import check_writable, lock_file, writer_lock
 from .flops import epochs_for_budget, forward_flops, reference_epochs_of
 from .footprint import estimate
-from .growth import DATA_METHODS, Grown, fuse
+from .growth import DATA_METHODS, Grown, deepen, fuse
 from .limits import check_memory, dump_json
 from .manifest import ArchSpec, Lineage, Manifest, MixingSpec, Phase
 
@@ -217,6 +217,19 @@ def fuse_files(a: str | Path, b: str | Path | None, output: str | Path, *, force
         grown = fuse(members, data=data if options.get("method") in DATA_METHODS else None,
                      **options)
         return save(output, grown.manifest, grown.tensors, force), grown
+
+
+def deepen_files(path: str | Path, output: str | Path | None, *, force: bool = False,
+                 **options) -> tuple[Path, Manifest, list[str]]:
+    """Deepen the bundle at `path` (growth.deepen's options) into `output` [default:
+    <path>-deep.safetensors next to it, numbered]; return its path, manifest and notes."""
+    if output is None:
+        with free_output(Path(path), "deep") as claimed:
+            return deepen_files(path, claimed, force=force, **options)
+    check_writable(output, force)
+    with writer_lock(output):
+        manifest, tensors, notes = deepen(load(path), **options)
+        return save(output, manifest, tensors, force), manifest, notes
 
 
 def small_seed(small_path: Path) -> int:

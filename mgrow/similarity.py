@@ -42,7 +42,7 @@ mgrow.errors, limits, footprint, data and mixing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -186,13 +186,21 @@ class CkaResult:
     images: int
     floor: list[list[float]] | None = None  # the same with B's images shuffled
     debiased: bool = False
+    # B's name of a block of A where they differ: the same block of a deepened net
+    renamed: dict[str, str] = field(default_factory=dict)
 
     def matched(self, matrix: list[list[float]] | None = None) -> dict[str, float]:
-        """Return CKA (or the entries of `matrix`, e.g. the floor) of the layers that have
-        the same name in A and B, in A's order."""
+        """Return CKA (or the entries of `matrix`, e.g. the floor) of the layers that A and B
+        both have (under one name, or in the same block of a deepened net), in A's order."""
         m = self.matrix if matrix is None else matrix
         col = {name: j for j, name in enumerate(self.layers_b)}
-        return {name: m[i][col[name]] for i, name in enumerate(self.layers_a) if name in col}
+        out = {}
+        for i, name in enumerate(self.layers_a):
+            head = ".".join(name.split(".")[:2])
+            twin = self.renamed[head] + name[len(head):] if head in self.renamed else name
+            if twin in col:
+                out[name] = m[i][col[twin]]
+        return out
 
 
 def cka_models(a: nn.Module, b: nn.Module, x: torch.Tensor,

@@ -21,7 +21,7 @@ import torch
 from conftest import make_bundle, run_main
 
 import mgrow
-from mgrow import api
+from mgrow import api, history
 from mgrow import limits as L
 from mgrow.arch import build
 from mgrow.bundle import load, save
@@ -88,6 +88,12 @@ def bad_calls(a: Path, b: Path, out: Path) -> dict[str, list[tuple]]:
             (lambda: api.train_sibling(a, o, epochs=0), "epochs"),
             (lambda: api.train_sibling(a, o, epochs=1, batch_size=0), "batch_size"),
             (lambda: api.train_sibling(a, o), "epochs")],
+        "deepen": [(lambda: api.deepen(a, o, blocks="1"), "blocks"),
+                   (lambda: api.deepen(a, o, blocks=0), "blocks"),
+                   (lambda: api.deepen(a, o, stage="first"), "stage"),
+                   (lambda: api.deepen(a, o, stage=0), "stage"),
+                   (lambda: api.deepen(a, o, init="orthogonal"), "init"),
+                   (lambda: api.deepen(a, o, seed=-1), "seed")],
         "fuse": [
             (lambda: api.fuse(a, b, o, factor="2"), "factor"),
             (lambda: api.fuse(a, b, o, factor=2.5), "factor"),
@@ -230,7 +236,8 @@ def test_info_loads_each_parent_once(tmp_path, monkeypatch):
         if len(loads) > 50:
             pytest.fail(f"info loaded {len(loads)} bundles of a chain of 4 files")
         return real(path)
-    monkeypatch.setattr(api, "load", counted)
+    monkeypatch.setattr(api, "load", counted)  # the bundle itself
+    monkeypatch.setattr(history, "load", counted)  # its parents, walked by mgrow.history
     t0 = time.perf_counter()
     res = mgrow.info(chain[-1])
     assert time.perf_counter() - t0 < 30

@@ -3,9 +3,11 @@
 Names: `wrn-D-K` (WideResNet for small inputs), `resnet18`, `resnet34`, `resnet50`
 (torchvision layout and key names), `vgg11_bn` (torchvision layout), and any builder's
 network, `torchvision:NAME` or `timm:NAME` (arch.zoo, plain only). `ArchSpec.width`
-multiplies every channel count, so growing by g is `spec.widened(g)`.
+multiplies every channel count, so growing by g is `spec.widened(g)`; `ArchSpec.depths`
+sets the blocks of each stage of a WRN or ResNet (deepening: `deepened`, `block_paths`).
 
-Owns `build` and `check_name`; the families (wrn, resnet, vgg) build through mgrow.mixing's
+Owns `build`, `check_name` and the residual stages (`depths`, `deepened`, `block_paths`,
+`same_blocks`); the families (wrn, resnet, vgg) build through mgrow.mixing's
 Builder and scale channels by arch.scale; builders' networks come from arch.zoo (grown by
 arch.widen). Imports mgrow.errors, limits, manifest, mixing and footprint (every network
 is sized on the meta device before it is built).
@@ -30,16 +32,70 @@ from .vgg import vgg11_bn
 from .wrn import wrn
 from .zoo import build_traced, check_traced, is_traced
 
-__all__ = ["NAMES", "build", "channels", "check_name", "is_traced"]
+__all__ = ["NAMES", "block_paths", "build", "channels", "check_name", "deepened", "depths",
+           "is_traced", "same_blocks"]
 
+_RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
+            "resnet50": ("bottleneck", (3, 4, 6, 3))}
 _FIXED: dict[str, Callable[[ArchSpec, Builder], nn.Module]] = {
-    "resnet18": lambda s, b: resnet(s, b, "basic", (2, 2, 2, 2)),
-    "resnet34": lambda s, b: resnet(s, b, "basic", (3, 4, 6, 3)),
-    "resnet50": lambda s, b: resnet(s, b, "bottleneck", (3, 4, 6, 3)),
+    **{name: (lambda s, b, kind=kind: resnet(s, b, kind, depths(s)))
+       for name, (kind, _) in _RESNETS.items()},
     "vgg11_bn": vgg11_bn,
 }
 _WRN = re.compile(r"wrn-(\d{1,6})-(\d{1,6})$")
 NAMES = ("wrn-D-K", *_FIXED)
+
+
+def depths(arch: ArchSpec) -> tuple[int, ...]:
+    """Return the residual blocks of each stage of a WRN or ResNet (`arch.depths` where
+    `mgrow deepen` set them); raise a one-line MgrowError for any other network."""
+    m = _WRN.match(arch.name)
+    if m:
+        own = ((int(m.group(1)) - 4) // 6,) * 3
+    elif arch.name in _RESNETS:
+        own = _RESNETS[arch.name][1]
+    else:
+        what = "a builder's network" if is_traced(arch.name) else "no residual stages"
+        raise MgrowError(f"{arch.name}: {what}; depth is a WRN and ResNet option (a plain "
+                         "stack has no identity block to insert)")
+    if arch.depths is None:
+        return own
+    if len(arch.depths) != len(own):
+        raise MgrowError(f"{arch.name}: depths {list(arch.depths)} need one count per stage "
+                         f"({len(own)})")
+    layers = 2 * sum(arch.depths) + 4  # WRN's count; a bottleneck has 3 a block: bounded too
+    if layers > MAX_DEPTH:
+        raise MgrowError(f"{arch.name}: {layers} layers exceed the {MAX_DEPTH} mgrow builds")
+    return arch.depths
+
+
+def deepened(arch: ArchSpec, new: tuple[int, ...]) -> ArchSpec:
+    """Return `arch` with `new` blocks per stage, named canonically: a WRN with equal
+    stages is wrn-(6n+4)-K, a ResNet whose stages match another registry name takes it."""
+    m = _WRN.match(arch.name)
+    if m and len(set(new)) == 1:
+        return arch.model_copy(update={"name": f"wrn-{6 * new[0] + 4}-{m.group(2)}",
+                                       "depths": None})
+    if arch.name in _RESNETS:
+        kind = _RESNETS[arch.name][0]
+        for name, own in _RESNETS.items():
+            if own == (kind, tuple(new)):
+                return arch.model_copy(update={"name": name, "depths": None})
+    spec = arch.model_copy(update={"depths": tuple(new)})
+    depths(spec)  # checked: one count per stage, within the layer limit
+    return spec
+
+
+def block_paths(arch: ArchSpec) -> list[list[str]]:
+    """Return the module path of every residual block, stage by stage."""
+    stages, paths, k = depths(arch), [], 0
+    for s, n in enumerate(stages):
+        if _WRN.match(arch.name):  # one flat Sequential
+            paths.append([f"blocks.{k + b}" for b in range(n)])
+            k += n
+        else:
+            paths.append([f"layer{s + 1}.{b}" for b in range(n)])
+    return paths
 
 
 def check_name(name: str) -> str:
@@ -59,6 +115,19 @@ def check_name(name: str) -> str:
                      "(WRN depth D = 6n + 4, n >= 1; for example wrn-16-4, wrn-28-10)")
 
 
+def same_blocks(a: ArchSpec, b: ArchSpec) -> dict[str, str]:
+    """Return B's path of each residual block of A (block j of stage s in both) where the
+    two differ: a net and its deepened copy pair block by block ({} unless both are WRN or
+    ResNet with as many stages)."""
+    try:
+        pa, pb = block_paths(a), block_paths(b)
+    except MgrowError:
+        return {}
+    if len(pa) != len(pb):
+        return {}
+    return {x: y for sa, sb in zip(pa, pb) for x, y in zip(sa, sb) if x != y}
+
+
 def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,
           meta: bool = False) -> nn.Module:
     """Return a freshly initialised network: plain when `mixing` is None, else template-mixed.
@@ -70,6 +139,8 @@ def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,
     size), and refused in one line if it cannot take that input or would not fit memory.
     """
     check_name(arch.name)
+    if arch.depths is not None:
+        depths(arch)  # one count per stage of a residual family
     if is_traced(arch.name) and mixing is not None:
         raise MgrowError(f"{arch.name}: template-mixed builders' networks are not supported "
                          "yet; use a plain one (--plain)")
@@ -97,7 +168,7 @@ def _construct(arch: ArchSpec, mixing: MixingSpec | None, seed: int, meta: bool)
         torch.manual_seed(seed)
         m = _WRN.match(arch.name)
         if m:
-            model = wrn(arch, builder, int(m.group(1)), int(m.group(2)))
+            model = wrn(arch, builder, depths(arch), int(m.group(2)))
         else:
             model = _FIXED[arch.name](arch, builder)
         return builder.finalize(model, init=not meta)

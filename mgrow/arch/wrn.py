@@ -36,15 +36,14 @@ class Block(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, spec: ArchSpec, make: Builder, depth: int, k: int) -> None:
+    def __init__(self, spec: ArchSpec, make: Builder, depths: tuple[int, ...], k: int) -> None:
         super().__init__()
-        n = (depth - 4) // 6
         widths = [channels(16, spec.width)] + [channels(16 * k * 2**s, spec.width)
                                                for s in range(3)]
         self.conv1 = make.conv(spec.in_channels, widths[0], 3, 1, 1, role="stem")
         blocks, cin = [], widths[0]
         for s in range(3):
-            for b in range(n):
+            for b in range(depths[s]):
                 blocks.append(Block(make, cin, widths[s + 1], 2 if s and not b else 1,
                                     spec.norm == "every"))
                 cin = widths[s + 1]
@@ -57,5 +56,6 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def wrn(spec: ArchSpec, make: Builder, depth: int, k: int) -> nn.Module:
-    return WideResNet(spec, make, depth, k)
+def wrn(spec: ArchSpec, make: Builder, depths: tuple[int, ...], k: int) -> nn.Module:
+    """WRN-d-k with `depths` blocks in its three stages ((d - 4) / 6 each unless deepened)."""
+    return WideResNet(spec, make, depths, k)

@@ -14,8 +14,8 @@ from typer.core import TyperGroup
 from ..version import __version__
 
 # `mgrow --help` lists the commands in the order a user runs them
-PIPELINE = ("convert", "train", "train-sibling", "fuse", "finetune", "eval", "flops", "info",
-            "cka", "export")
+PIPELINE = ("convert", "train", "train-sibling", "fuse", "deepen", "finetune", "eval", "flops",
+            "info", "cka", "export")
 
 
 class _Pipeline(TyperGroup):
@@ -27,8 +27,8 @@ class _Pipeline(TyperGroup):
 
 app = typer.Typer(cls=_Pipeline, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,
-                  help="Grow a trained network into a wider one (MixtureGrowth). Every file "
-                       "mgrow reads or writes is a safetensors bundle with a manifest.")
+                  help="Grow a trained network into a wider (MixtureGrowth) or deeper one. "
+                       "Every file mgrow reads or writes is a safetensors bundle with a manifest.")
 
 
 def _version(value: bool) -> None:

@@ -1,4 +1,5 @@
-"""Commands that make a bundle from others without training: `convert`, `fuse`, `export`.
+"""Commands that make a bundle from others without training: `convert`, `fuse`, `deepen`,
+`export`.
 
 Imports cli.app, cli.options and (inside each command) mgrow.api and the library.
 """
@@ -15,8 +16,8 @@ import typer
 from .. import limits as L
 from ..errors import MgrowError
 from .app import app
-from .options import (Bundle, Force, Init, Method, Norm, Output, SeedOpt, Sharing, SharingOpt,
-                      Spare, Templates, Tiling, Width, in_range, mixing_spec)
+from .options import (Bundle, DeepInit, Force, Init, Method, Norm, Output, SeedOpt, Sharing,
+                      SharingOpt, Spare, Templates, Tiling, Width, in_range, mixing_spec)
 
 
 @app.command()
@@ -190,3 +191,35 @@ def fuse(
     print(f"wrote {path} ({grown.manifest.describe()}, method {method.value}"
               + (f", init {init.value}, tiling {tiling.value})" if method == Method.mixture
           else ")"))
+
+
+@app.command()
+def deepen(
+    bundle: Bundle,
+    blocks: Annotated[int, typer.Option(
+        "--blocks", min=1, max=L.MAX_DEPTH, help="New residual blocks per chosen stage.")] = 1,
+    stage: Annotated[str, typer.Option(
+        "--stage", help="The stage that gets them: 1 (the first) .. the last, last, or all "
+        "(every stage).")] = "last",
+    init: Annotated[Optional[DeepInit], typer.Option(
+        "--init", help="New blocks: zero (fresh, the residual output zeroed), copy (the "
+        "stage's last block copied, its residual output zeroed; plain nets), mixture "
+        "(new coefficients over the stage's learned templates, orthogonal to its layers'; "
+        "template-mixed nets) [default: mixture for a template-mixed net, else zero].",
+        show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Bundle to write [default: BUNDLE-deep.safetensors next to "
+        "it, numbered, never overwriting].", show_default=False)] = None,
+    seed: SeedOpt = 0,
+    force: Force = False,
+):
+    """Insert residual blocks at the end of a stage of a WRN or ResNet, keeping its function
+    (the logits are unchanged: each new block starts as the identity). No data is read."""
+    from ..api import deepen as run
+    from ..bundle import load
+    stage_arg: int | str = int(stage) if stage.strip().isdigit() else stage.strip()
+    path = run(bundle, output, blocks=blocks, stage=stage_arg,
+               init=None if init is None else init.value, seed=seed, force=force)
+    man = load(path).manifest
+    print(f"wrote {path} ({man.describe()}, init {man.lineage.options['init']}, blocks per "
+          f"stage {'-'.join(map(str, man.lineage.options['depths']))})")

@@ -170,10 +170,12 @@ def cka(
         print_json({"a": str(a), "b": str(b), "images": res.images, "debiased": debiased,
                      "layers_a": res.layers_a, "layers_b": res.layers_b,
                      "matrix": res.matrix, "matched": matched, "floor": res.floor,
-                     "matched_floor": floor, "png": None if png is None else str(png)})
+                     "matched_floor": floor, "renamed": res.renamed,
+                     "png": None if png is None else str(png)})
         return
     kind = "debiased linear CKA" if debiased else "linear CKA"
-    table = Table(title=f"{kind} of same-name layers, {a.name} vs {b.name} "
+    same = "same-block" if res.renamed else "same-name"  # a deepened net pairs by block
+    table = Table(title=f"{kind} of {same} layers, {a.name} vs {b.name} "
                   f"({res.images} test images)")
     table.add_column("layer")
     table.add_column("CKA", justify="right")
@@ -189,7 +191,7 @@ def cka(
     if matched:
         mean = sum(matched.values()) / len(matched)
         base = sum(floor.values()) / len(floor)
-        out.print(f"mean over {len(matched)} same-name layers: {mean:.3f} (floor {base:.3f})")
+        out.print(f"mean over {len(matched)} {same} layers: {mean:.3f} (floor {base:.3f})")
     out.print("floor: the same CKA with B's features of the images in a shuffled order, "
               "what no similarity reads" + ("" if debiased else "; --debiased puts it "
                                             "at about 0"), soft_wrap=True)

@@ -1,0 +1,232 @@
+"""Depth growth: new residual blocks in a trained WRN or ResNet, its function kept.
+
+New blocks go at the end of a stage, where input and output widths agree and the stride is
+1, so their shortcut is the identity; each starts as the identity map because its residual
+branch outputs exactly zero, and the logits are unchanged bit for bit:
+- zero: the block freshly initialised (as `build` initialises), its last weight zero:
+  WRN's pre-activation block ends in a conv (its weight, or coefficients, zero); ResNet's
+  post-activation block ends in a BN (scale and shift zero, torchvision's
+  zero_init_residual: a zero conv before a BN would give its shift, not zero);
+- copy (plain networks): the stage's last block copied, then its residual output zeroed
+  as above (LEMON's depth expansion; in a WRN that zeroes the copy's second conv);
+- mixture (template-mixed networks): each new layer mixes templates its stage already
+  learned with a new coefficient vector per tile, orthogonal to the vectors of the layers
+  that use them and at their mean norm; the residual output zeroed as above.
+
+Banks: the deeper net is built from its ArchSpec, so its banks are what Builder's rule
+makes (pairs of consecutive same-shape layers). A new layer that follows an unpaired old
+layer of its shape joins that layer's bank (the bank gains the new layer's templates; the
+old layer's coefficients over them are zero); other new layers get banks of their own,
+under mixture filled with copies of the templates of the stage's nearest bank of their
+shape (the rest, if larger, fresh).
+
+Owns `deepen`, `INITS`, `STAGES`. Imports mgrow.arch, bundle, errors, manifest, mixing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..arch import block_paths, build, deepened, depths
+from ..bundle import Bundle
+from ..errors import MgrowError
+from ..manifest import Manifest
+from ..mixing import MixedLayer, mixed_layers
+
+INITS = ("zero", "copy", "mixture")
+TOLERANCE = 1e-5  # logits' relative error a deepened net may show (it shows 0)
+
+
+def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
+           init: str | None = None, seed: int = 0) -> tuple[Manifest, dict[str, torch.Tensor],
+                                                           list[str]]:
+    """Return the manifest, tensors and notes of `bundle` with `blocks` new blocks at the end
+    of stage `stage` (1-based; "all": every stage; None: the last). `init` None: mixture
+    for a template-mixed net, zero for a plain one."""
+    man, where = bundle.manifest, bundle.path
+    old = depths(man.arch)  # refuses what has no residual stages
+    init = init or ("mixture" if man.mixing else "zero")
+    if init not in INITS:
+        raise MgrowError(f"--init {init!r}: expected one of {', '.join(INITS)}")
+    if init == "mixture" and man.mixing is None:
+        raise MgrowError(f"{where}: plain; --init mixture mixes a template-mixed net's "
+                         "templates (use zero or copy, or `mgrow convert` it first)")
+    if init == "copy" and man.mixing is not None:
+        raise MgrowError(f"{where}: template-mixed; --init copy deepens a plain net (use "
+                         "mixture: new layers from the stage's learned templates)")
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise MgrowError(f"--blocks takes a whole number >= 1, not {blocks!r}")
+    stages = _stages(stage, len(old))
+    arch = deepened(man.arch, tuple(n + blocks * (s in stages) for s, n in enumerate(old)))
+    source, model = bundle.model().eval(), build(arch, man.mixing, seed=seed).eval()
+    olds, news = block_paths(man.arch), block_paths(arch)
+    rename = {o: n for os_, ns in zip(olds, news) for o, n in zip(os_, ns)}
+    state = model.state_dict()
+    _carry(source, model, state, rename)
+    gen = torch.Generator().manual_seed(seed)
+    notes: list[str] = []
+    for s in stages:
+        last = rename[olds[s][-1]]
+        for path in news[s][len(olds[s]):]:
+            if init == "copy":
+                _copy(state, last, path, s)
+            elif init == "mixture":
+                notes += _mix(model, state, path, [rename[p] for p in olds[s]], gen)
+            _zero_residual(model, state, path, arch.name.startswith("wrn-"))
+    with torch.no_grad():
+        model.load_state_dict(state)
+    _check_kept(source, model, arch)
+    options = {"blocks": blocks, "stages": [s + 1 for s in stages], "init": init,
+               "seed": seed, "depths": list(depths(arch))}
+    manifest = man.derived("deepen", options, (bundle.parent(),), arch=arch)
+    return manifest, {k: v.detach().clone() for k, v in model.state_dict().items()}, notes
+
+
+def _stages(stage: int | str | None, count: int) -> list[int]:
+    """Return the 0-based stages `--stage` names."""
+    if stage is None or stage == "last":
+        return [count - 1]
+    if stage == "all":
+        return list(range(count))
+    try:
+        s = int(stage)
+    except (TypeError, ValueError):
+        s = 0
+    if isinstance(stage, bool) or not 1 <= s <= count or str(s) != str(stage).strip():
+        raise MgrowError(f"--stage {stage!r}: expected 1..{count}, last or all")
+    return [s - 1]
+
+
+def _renamed(key: str, rename: dict[str, str]) -> str:
+    """Return a module path or state key under its block's new path."""
+    parts = key.split(".")
+    head = ".".join(parts[:2])
+    return rename[head] + key[len(head):] if head in rename else key
+
+
+def _carry(source: torch.nn.Module, model: torch.nn.Module, state: dict[str, torch.Tensor],
+           rename: dict[str, str]) -> None:
+    """Write every tensor of `source` into `state` (the deeper net's) at its new place. A
+    bank that gained new layers' templates keeps the old ones first; the old layers'
+    coefficients over the new templates are zero."""
+    old_mixed, new_mixed = mixed_layers(source), mixed_layers(model)
+    banks: dict[int, int] = {}  # new bank -> the old bank it extends
+    for name, layer in old_mixed.items():
+        new = new_mixed[_renamed(name, rename)]
+        if banks.setdefault(new.bank_index, layer.bank_index) != layer.bank_index:
+            raise MgrowError(f"internal: {name} would share a bank with another old bank's "
+                             "layer")  # Builder's pairing only ever appends new layers
+    new_of = {old: new for new, old in banks.items()}
+    members = {n: [k for k, v in new_mixed.items() if v.bank_index == n] for n in banks}
+    for new_index, old_index in banks.items():
+        olds = [k for k, v in old_mixed.items() if v.bank_index == old_index]
+        if [_renamed(k, rename) for k in olds] != members[new_index][:len(olds)]:
+            raise MgrowError(f"internal: bank {old_index}'s layers do not lead bank "
+                             f"{new_index} of the deeper net")
+    for key, value in source.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner == "banks":
+            target = state[f"banks.{new_of[int(leaf)]}"]
+        else:
+            target = state[_renamed(key, rename)]
+        if owner == "banks" or owner in old_mixed and leaf == "alpha":
+            axis = 1 if owner == "banks" else -1  # the templates' axis
+            if owner != "banks":
+                target.zero_()  # an old layer's coefficients over a new layer's templates
+            target.narrow(axis, 0, value.shape[axis]).copy_(value)
+        else:
+            target.copy_(value)
+
+
+def _copy(state: dict[str, torch.Tensor], last: str, path: str, stage: int) -> None:
+    """Copy block `last` (the stage's last old block) into the new block `path`."""
+    keys = [k for k in state if k.startswith(path + ".")]
+    for key in keys:
+        src = last + key[len(path):]
+        if src not in state or state[src].shape != state[key].shape or \
+                len(keys) != sum(k.startswith(last + ".") for k in state):
+            raise MgrowError(f"--init copy: stage {stage + 1}'s last block ({last}) changes "
+                             "the width or resolution, so no block of the new one's shape "
+                             "exists to copy; use --init zero")
+        state[key].copy_(state[src])
+
+
+def _zero_residual(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str,
+                   pre_activation: bool) -> None:
+    """Make the residual branch of block `path` output exactly zero: the last conv's weight
+    of a pre-activation (WRN) block; the last BN's scale and shift of a ResNet block."""
+    block = model.get_submodule(path)
+    if pre_activation:
+        leaf = "alpha" if isinstance(block.conv2, MixedLayer) else "weight"
+        state[f"{path}.conv2.{leaf}"].zero_()
+        return
+    bn = "bn3" if hasattr(block, "bn3") else "bn2"
+    state[f"{path}.{bn}.weight"].zero_()
+    state[f"{path}.{bn}.bias"].zero_()
+
+
+def _mix(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str,
+         stage_blocks: list[str], gen: torch.Generator) -> list[str]:
+    """Give the new block `path`'s layers coefficients over templates the stage learned."""
+    mixed, notes = mixed_layers(model), []
+    new = [k for k in mixed if k.startswith(path + ".")]
+    old = [k for k in mixed if any(k.startswith(p + ".") for p in stage_blocks)]
+    for name in new:
+        layer = mixed[name]
+        peers = [k for k, v in mixed.items() if v.bank_index == layer.bank_index]
+        known = [k for k in peers if k in old]
+        if not known:  # a bank of new layers only: start it as the nearest learned one
+            like = [k for k in old if type(mixed[k]) is type(layer)
+                    and mixed[k].tile_shape == layer.tile_shape]
+            if not like:
+                notes.append(f"{name}: no learned bank of its shape in its stage; fresh")
+                continue
+            src = mixed[like[-1]].bank_index
+            bank, given = state[f"banks.{layer.bank_index}"], state[f"banks.{src}"]
+            n = min(bank.shape[1], given.shape[1])
+            bank[:, :n] = given[:, :n]
+            known = [k for k, v in mixed.items() if v.bank_index == src and k in old]
+        earlier = [k for k in peers if k in new and peers.index(k) < peers.index(name)]
+        alpha = state[f"{name}.alpha"]
+        refs = [_fit(state[f"{k}.alpha"], alpha.shape[-1]) for k in known + earlier]
+        alpha.copy_(_orthogonal(refs, alpha.shape, gen))
+        if len(refs) >= alpha.shape[-1]:
+            notes.append(f"{name}: its bank has no direction left orthogonal to the "
+                         "layers using it; random")
+    return notes
+
+
+def _fit(alpha: torch.Tensor, t: int) -> torch.Tensor:
+    """Return coefficients (g_out, g_in, T) as (1, g_out, g_in, t): cut or zero-padded."""
+    out = alpha.new_zeros(*alpha.shape[:2], t)
+    n = min(t, alpha.shape[-1])
+    out[..., :n] = alpha[..., :n]
+    return out.unsqueeze(0)
+
+
+def _orthogonal(refs: list[torch.Tensor], shape: torch.Size, gen: torch.Generator
+                ) -> torch.Tensor:
+    """Return coefficients of `shape` (g_out, g_in, t): per tile a random vector
+    orthogonal to the tile's vectors in `refs`, at their mean norm (1 without any)."""
+    draw = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    if not refs:
+        return (draw / draw.norm(dim=-1, keepdim=True)).float()
+    r = torch.cat(refs, 0).double().permute(1, 2, 0, 3)  # (g_out, g_in, n, t)
+    norm = r.norm(dim=-1).mean(-1, keepdim=True)  # (g_out, g_in, 1)
+    q, _ = torch.linalg.qr(r.transpose(-1, -2))  # (g_out, g_in, t, n): the span of refs
+    rest = draw - (q @ (q.transpose(-1, -2) @ draw.unsqueeze(-1))).squeeze(-1)
+    short = rest.norm(dim=-1, keepdim=True) < 1e-6 * draw.norm(dim=-1, keepdim=True)
+    rest = torch.where(short, draw, rest)  # no direction left: random
+    return (rest / rest.norm(dim=-1, keepdim=True) * norm.clamp_min(1e-12)).float()
+
+
+def _check_kept(source: torch.nn.Module, model: torch.nn.Module, arch) -> None:
+    """Refuse a deepened net whose logits differ from its source's on a probe batch."""
+    x = torch.randn(2, arch.in_channels, arch.input_size, arch.input_size,
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = source(x), model(x)
+    err = ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+    if not err <= TOLERANCE:
+        raise MgrowError(f"internal: the deepened net's logits moved by {err:.2e} (relative); "
+                         "nothing written")

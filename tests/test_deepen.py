@@ -1,0 +1,214 @@
+"""`mgrow deepen`: new residual blocks keep the function, carry every tensor, and start from
+what the issue asks (zero, copy, mixture); deepening and widening compose."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import make_bundle, run_main
+
+from mgrow.arch import block_paths, build, deepened, depths
+from mgrow.bundle import load, save
+from mgrow.errors import MgrowError
+from mgrow.growth import deepen, fuse
+from mgrow.manifest import ArchSpec, MixingSpec
+from mgrow.mixing import mixed_layers
+
+PLAIN, MIXED, GROWN = None, MixingSpec(), MixingSpec(factor=2, members=2)
+CASES = [  # arch, width, norm, mixing, init, stage
+    ("wrn-10-1", 0.5, "block", MIXED, "mixture", "all"),
+    ("wrn-10-1", 0.5, "every", PLAIN, "zero", "all"),
+    ("wrn-16-2", 0.5, "every", PLAIN, "copy", "last"),
+    ("wrn-16-2", 0.5, "block", MIXED, "zero", 1),
+    ("wrn-16-1", 0.5, "block", GROWN, "mixture", "all"),
+    ("resnet18", 0.25, "every", MIXED, "mixture", "last"),
+    ("resnet18", 0.25, "every", PLAIN, "copy", "all"),
+    ("resnet50", 0.125, "every", PLAIN, "zero", 2),
+    ("resnet50", 0.125, "every", GROWN, "mixture", "last"),
+]
+
+
+def _bundle(tmp_path, name, width, norm, mixing, seed=0):
+    arch = ArchSpec(name=name, width=width, norm=norm)
+    return make_bundle(tmp_path / f"{name}-{seed}.safetensors", arch, mixing, seed=seed)
+
+
+def _logits(model, x, train=False):
+    model = model.train(train)
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("name,width,norm,mixing,init,stage", CASES)
+def test_deepen_keeps_the_function_and_every_tensor(tmp_path, cifar_batch, name, width, norm,
+                                                     mixing, init, stage):
+    b = _bundle(tmp_path, name, width, norm, mixing)
+    man, tensors, _ = deepen(b, 2, stage, init, seed=3)
+    old = depths(b.manifest.arch)
+    chosen = range(len(old)) if stage == "all" else [len(old) - 1 if stage == "last"
+                                                      else stage - 1]
+    assert depths(man.arch) == tuple(n + 2 * (s in chosen) for s, n in enumerate(old))
+    assert man.lineage.operation == "deepen" and man.phases == b.manifest.phases
+    new = load(save(tmp_path / "deep.safetensors", man, tensors))  # rebuilds from its manifest
+    x = cifar_batch[:8]
+    for train in (False, True):  # batch statistics too: new blocks output exactly zero
+        assert torch.equal(_logits(new.model(), x, train), _logits(b.model(), x, train))
+    # every old tensor sits at its new place, bit for bit (a bank's old templates first)
+    rename = {o: n for os_, ns in zip(block_paths(b.manifest.arch), block_paths(man.arch))
+              for o, n in zip(os_, ns)}
+    def moved(key):
+        head = ".".join(key.split(".")[:2])
+        return rename[head] + key[len(head):] if head in rename else key
+    old_mixed, new_mixed = mixed_layers(b.model()), mixed_layers(new.model())
+    for key, value in b.tensors.items():
+        owner, _, leaf = key.rpartition(".")
+        if owner == "banks":
+            layer = next(k for k, v in old_mixed.items() if v.bank_index == int(leaf))
+            got = new.tensors[f"banks.{new_mixed[moved(layer)].bank_index}"]
+            got = got[:, :value.shape[1]]
+        else:
+            got = new.tensors[moved(key)]
+            if leaf == "alpha":
+                assert not got[..., value.shape[-1]:].any()  # not over new templates
+                got = got[..., :value.shape[-1]]
+        assert torch.equal(got, value), key
+
+
+def test_mixture_mixes_the_stage_templates_orthogonally(tmp_path):
+    b = _bundle(tmp_path, "wrn-10-1", 0.5, "block", MIXED)
+    man, tensors, notes = deepen(b, 1, "all", "mixture", seed=0)
+    assert notes == []
+    model = build(man.arch, man.mixing, meta=True)
+    layers = mixed_layers(model)
+    for s, (olds, news) in enumerate(zip(block_paths(b.manifest.arch),
+                                         block_paths(man.arch))):
+        (path,) = news[len(olds):]
+        assert not tensors[f"{path}.conv2.alpha"].any()  # the residual output: zero
+        conv1 = layers[f"{path}.conv1"]
+        a = tensors[f"{path}.conv1.alpha"].double()
+        peers = [k for k, v in layers.items() if v.bank_index == conv1.bank_index and
+                 not k.startswith(path + ".")]
+        if not peers:  # a bank of its own: a copy of the stage's learned one of its shape
+            src = layers[f"{news[len(olds) - 1]}.conv2"].bank_index
+            bank = tensors[f"banks.{conv1.bank_index}"]
+            n = min(bank.shape[1], tensors[f"banks.{src}"].shape[1])
+            assert torch.equal(bank[:, :n], tensors[f"banks.{src}"][:, :n])
+            peers = [k for k, v in layers.items() if v.bank_index == src]
+        refs = [tensors[f"{k}.alpha"].double() for k in peers]
+        for r in refs:
+            t = min(r.shape[-1], a.shape[-1])
+            dots = (a[..., :t] * r[..., :t]).sum(-1)
+            assert dots.abs().max() < 1e-5, (s, dots)  # orthogonal per tile
+        mean = torch.stack([r.norm(dim=-1) for r in refs]).mean(0)
+        assert torch.allclose(a.norm(dim=-1), mean, rtol=1e-5)  # at the learned scale
+
+
+def test_copy_duplicates_the_last_block_and_refuses_a_shape_change(tmp_path):
+    b = _bundle(tmp_path, "wrn-16-2", 0.5, "every", PLAIN)
+    man, tensors, _ = deepen(b, 1, "last", "copy", seed=0)
+    src, new = block_paths(man.arch)[2][1], block_paths(man.arch)[2][2]
+    for key in [k for k in tensors if k.startswith(new + ".")]:
+        twin = tensors[src + key[len(new):]]
+        if key == f"{new}.conv2.weight":
+            assert not tensors[key].any()
+        else:
+            assert torch.equal(tensors[key], twin), key
+    one = _bundle(tmp_path, "wrn-10-1", 0.5, "every", PLAIN)  # stage 2's only block widens
+    with pytest.raises(MgrowError, match=r"stage 2's last block \(blocks.1\) changes"):
+        deepen(one, 1, 2, "copy")
+
+
+@pytest.mark.parametrize("name,mixing,kw,message", [
+    ("vgg11_bn", PLAIN, {}, "no residual stages"),
+    ("wrn-10-1", PLAIN, {"init": "mixture"}, "plain; --init mixture"),
+    ("wrn-10-1", MIXED, {"init": "copy"}, "template-mixed; --init copy"),
+    ("wrn-10-1", MIXED, {"stage": 4}, r"--stage 4: expected 1\.\.3"),
+    ("resnet18", MIXED, {"stage": "first"}, r"expected 1\.\.4, last or all"),
+    ("wrn-10-1", MIXED, {"blocks": 0}, "--blocks takes a whole number >= 1"),
+])
+def test_refusals_name_the_problem(tmp_path, name, mixing, kw, message):
+    b = _bundle(tmp_path, name, 0.25 if name != "wrn-10-1" else 0.5, "every", mixing)
+    with pytest.raises(MgrowError, match=message):
+        deepen(b, **{"blocks": 1, **kw})
+
+
+def test_depths_name_the_net_canonically():
+    wrn = ArchSpec(name="wrn-10-2", width=0.5)
+    assert deepened(wrn, (2, 2, 2)) == wrn.model_copy(update={"name": "wrn-16-2"})
+    assert deepened(wrn, (1, 1, 3)).depths == (1, 1, 3)
+    r18 = ArchSpec(name="resnet18")
+    assert deepened(r18, (3, 4, 6, 3)).name == "resnet34"
+    assert deepened(ArchSpec(name="resnet50"), (2, 2, 2, 2)).depths == (2, 2, 2, 2)
+    with pytest.raises(MgrowError, match="one count per stage"):
+        build(r18.model_copy(update={"depths": (2, 2)}), meta=True)
+    # wrn-10-2 deepened to (2, 2, 2) is wrn-16-2: the same keys and shapes
+    a = build(deepened(wrn, (2, 2, 2)), MIXED, meta=True).state_dict()
+    b = build(ArchSpec(name="wrn-16-2", width=0.5), MIXED, meta=True).state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+def test_deeper_then_wider_and_wider_then_deeper(tmp_path, cifar_batch):
+    x = cifar_batch[:8]
+    a = _bundle(tmp_path, "wrn-10-1", 0.5, "block", MIXED, seed=0)
+    man, tensors, _ = deepen(a, 1, "all", "mixture", seed=1)
+    deep_a = load(save(tmp_path / "deep-a.safetensors", man, tensors))
+    # a sibling of the deepened architecture, then MixtureGrowth with zero init: the mean
+    sib = make_bundle(tmp_path / "sib.safetensors", man.arch, MIXED, seed=5)
+    grown = fuse([deep_a, sib], factor=2, init="zero")
+    wide = load(save(tmp_path / "wide.safetensors", grown.manifest, grown.tensors))
+    mean = (_logits(deep_a.model(), x) + _logits(sib.model(), x)) / 2
+    assert torch.allclose(_logits(wide.model(), x), mean, atol=1e-5)
+    # and deeper again: the grown (g = 2) net keeps its function
+    man2, tensors2, _ = deepen(wide, 1, "last", "mixture", seed=2)
+    deeper = load(save(tmp_path / "deeper.safetensors", man2, tensors2))
+    assert torch.equal(_logits(deeper.model(), x), _logits(wide.model(), x))
+    assert man2.arch.depths == (2, 2, 3) and man2.arch.width == 1.0
+    # a plain net: deepen (zero) then net2net without noise keeps the logits
+    p = _bundle(tmp_path, "resnet18", 0.25, "every", PLAIN)
+    man3, tensors3, _ = deepen(p, 1, 2, "zero")
+    deep_p = load(save(tmp_path / "deep-p.safetensors", man3, tensors3))
+    grown = fuse([deep_p], factor=2, method="net2net", noise=0.0)
+    wide_p = load(save(tmp_path / "wide-p.safetensors", grown.manifest, grown.tensors))
+    assert torch.allclose(_logits(wide_p.model(), x), _logits(p.model(), x), atol=1e-4,
+                          rtol=1e-4)
+
+
+def test_cli_deepen_writes_refuses_and_cka_pairs_blocks(tmp_path, digits_200):
+    small = tmp_path / "small.safetensors"
+    shutil.copy(digits_200, small)
+    r = run_main("deepen", small, "--stage", "all")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "small-deep.safetensors"
+    assert f"wrote {out} (wrn-16-1 mixed, init mixture, blocks per stage 2-2-2)" in r.stdout
+    r = run_main("deepen", small, "--init", "copy", "-o", tmp_path / "x.safetensors")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--init copy" in r.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+    r = run_main("info", out)
+    assert "deepen: blocks 1, stages [1, 2, 3], init mixture" in r.stdout
+    r = run_main("cka", small, out, "--images", "64", "--json")
+    res = json.loads(r.stdout)
+    assert res["renamed"] == {"blocks.1": "blocks.2", "blocks.2": "blocks.4"}
+    assert len(res["matched"]) == len(res["layers_a"])  # every layer of A has its twin
+    assert min(res["matched"].values()) > 1 - 1e-6  # the same function, layer by layer
+
+
+def test_a_deepened_net_trains_on(tmp_path, digits_200):
+    """The new blocks learn: one more epoch of the deepened net lowers its test loss."""
+    from mgrow.data import DataSource
+    from mgrow.engine import TrainConfig, evaluate
+    from mgrow.phases import finetune
+    small = load(digits_200)
+    man, tensors, _ = deepen(small, 1, "all", "mixture")
+    deep = save(tmp_path / "deep.safetensors", man, tensors)
+    data = DataSource("digits", subset=200).load()
+    before = evaluate(load(deep).model(), data)[1]
+    cfg = TrainConfig(epochs=1, batch_size=50, lr=0.05, device="cpu", eval_every_epoch=False)
+    out = finetune(deep, DataSource("digits", subset=200), cfg, tmp_path / "ft.safetensors",
+                   progress="quiet")
+    trained = load(out.path)
+    assert evaluate(trained.model(), data)[1] < before
+    new = f"{block_paths(man.arch)[0][1]}.conv2.alpha"  # the zeroed layer left zero
+    assert trained.tensors[new].abs().max() > 0
