@@ -122,7 +122,10 @@ def test_copy_duplicates_the_last_block_and_refuses_a_shape_change(tmp_path):
 
 
 @pytest.mark.parametrize("name,mixing,kw,message", [
-    ("vgg11_bn", PLAIN, {}, "no residual stages"),
+    ("torchvision:resnet18", PLAIN, {}, "a builder's network; depth is an option of"),
+    ("vgg11_bn", PLAIN, {"init": "zero"}, "identity \\(Net2DeeperNet\\) is the one way"),
+    ("wrn-10-1", PLAIN, {"init": "identity"}, "x \\+ f\\(x\\) is the identity when f is 0"),
+    ("vgg11_bn", MIXED, {"stage": 4}, "features.22: the new blocks would change which layers"),
     ("wrn-10-1", PLAIN, {"init": "mixture"}, "plain; --init mixture"),
     ("wrn-10-1", MIXED, {"init": "copy"}, "template-mixed; --init copy"),
     ("wrn-10-1", MIXED, {"stage": 4}, r"--stage 4: expected 1\.\.3"),
@@ -130,9 +133,31 @@ def test_copy_duplicates_the_last_block_and_refuses_a_shape_change(tmp_path):
     ("wrn-10-1", MIXED, {"blocks": 0}, "--blocks takes a whole number >= 1"),
 ])
 def test_refusals_name_the_problem(tmp_path, name, mixing, kw, message):
-    b = _bundle(tmp_path, name, 0.25 if name != "wrn-10-1" else 0.5, "every", mixing)
+    width = {"wrn-10-1": 0.5, "vgg11_bn": 0.125, "torchvision:resnet18": 1.0}.get(name, 0.25)
+    b = _bundle(tmp_path, name, width, "every", mixing)
     with pytest.raises(MgrowError, match=message):
         deepen(b, **{"blocks": 1, **kw})
+
+
+@pytest.mark.parametrize("mixing,stage", [(PLAIN, "all"), (MIXED, 5), (GROWN, 3)])
+def test_vgg_grows_deeper_by_identity_layers(tmp_path, cifar_batch, mixing, stage):
+    """Net2DeeperNet: new conv-BN-ReLU layers that pass their input through in eval mode."""
+    b = _bundle(tmp_path, "vgg11_bn", 0.125, "every", mixing)
+    man, tensors, _ = deepen(b, 1, stage)
+    assert man.lineage.options["init"] == "identity"
+    new = load(save(tmp_path / "deep.safetensors", man, tensors)).model()
+    x = cifar_batch[:8]
+    want = _logits(b.model(), x)
+    err = (_logits(new, x) - want).norm() / want.norm()
+    assert err < 1e-6  # rounding of the BN's sqrt(1 + eps)
+    paths = block_paths(man.arch)
+    s = 0 if stage == "all" else stage - 1
+    conv = new.get_submodule(paths[s][-1])
+    w = conv.weight() if mixing else conv.weight
+    c = w.shape[0]
+    eye = torch.zeros_like(w)
+    eye[range(c), range(c), 1, 1] = 1
+    assert torch.equal(w.detach(), eye)
 
 
 def test_depths_name_the_net_canonically():

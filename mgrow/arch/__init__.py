@@ -4,10 +4,10 @@ Names: `wrn-D-K` (WideResNet for small inputs), `resnet18`, `resnet34`, `resnet5
 (torchvision layout and key names), `vgg11_bn` (torchvision layout), and any builder's
 network, `torchvision:NAME` or `timm:NAME` (arch.zoo, plain only). `ArchSpec.width`
 multiplies every channel count, so growing by g is `spec.widened(g)`; `ArchSpec.depths`
-sets the blocks of each stage of a WRN or ResNet (deepening: `deepened`, `block_paths`).
+sets the blocks of each stage of a WRN, ResNet or VGG (deepening: `deepened`, `units`).
 
-Owns `build`, `check_name` and the residual stages (`depths`, `deepened`, `block_paths`,
-`same_blocks`); the families (wrn, resnet, vgg) build through mgrow.mixing's
+Owns `build`, `check_name` and the stages of the families (`depths`, `deepened`, `units`,
+`block_paths`, `same_blocks`); the families (wrn, resnet, vgg) build through mgrow.mixing's
 Builder and scale channels by arch.scale; builders' networks come from arch.zoo (grown by
 arch.widen). Imports mgrow.errors, limits, manifest, mixing and footprint (every network
 is sized on the meta device before it is built).
@@ -28,39 +28,42 @@ from ..manifest import ArchSpec, MixingSpec
 from ..mixing import Builder
 from .resnet import resnet
 from .scale import channels
+from .vgg import DEPTHS as VGG_DEPTHS
 from .vgg import vgg11_bn
 from .wrn import wrn
 from .zoo import build_traced, check_traced, is_traced
 
 __all__ = ["NAMES", "block_paths", "build", "channels", "check_name", "deepened", "depths",
-           "is_traced", "same_blocks"]
+           "is_traced", "same_blocks", "units"]
 
 _RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
             "resnet50": ("bottleneck", (3, 4, 6, 3))}
 _FIXED: dict[str, Callable[[ArchSpec, Builder], nn.Module]] = {
     **{name: (lambda s, b, kind=kind: resnet(s, b, kind, depths(s)))
        for name, (kind, _) in _RESNETS.items()},
-    "vgg11_bn": vgg11_bn,
+    "vgg11_bn": lambda s, b: vgg11_bn(s, b, depths(s)),
 }
 _WRN = re.compile(r"wrn-(\d{1,6})-(\d{1,6})$")
 NAMES = ("wrn-D-K", *_FIXED)
 
 
 def depths(arch: ArchSpec) -> tuple[int, ...]:
-    """Return the residual blocks of each stage of a WRN or ResNet (`arch.depths` where
-    `mgrow deepen` set them); raise a one-line MgrowError for any other network."""
+    """Return the blocks of each stage of a WRN or ResNet (residual blocks) or VGG (conv, BN,
+    ReLU), `arch.depths` where `mgrow deepen` set them; raise a one-line MgrowError for a
+    builder's network."""
     m = _WRN.match(arch.name)
     if m:
         own = ((int(m.group(1)) - 4) // 6,) * 3
     elif arch.name in _RESNETS:
         own = _RESNETS[arch.name][1]
+    elif arch.name == "vgg11_bn":
+        own = VGG_DEPTHS
     else:
-        what = "a builder's network" if is_traced(arch.name) else "no residual stages"
-        raise MgrowError(f"{arch.name}: {what}; depth is a WRN and ResNet option (a plain "
-                         "stack has no identity block to insert)")
+        raise MgrowError(f"{arch.name}: a builder's network; depth is an option of mgrow's "
+                         "own families (wrn-D-K, resnet18/34/50, vgg11_bn) so far")
     if arch.depths is None:
         return own
-    if len(arch.depths) != len(own):
+    if len(arch.depths) != len(own):  # 2 layers a WRN block, 3 a bottleneck, 1 a VGG one
         raise MgrowError(f"{arch.name}: depths {list(arch.depths)} need one count per stage "
                          f"({len(own)})")
     layers = 2 * sum(arch.depths) + 4  # WRN's count; a bottleneck has 3 a block: bounded too
@@ -86,16 +89,39 @@ def deepened(arch: ArchSpec, new: tuple[int, ...]) -> ArchSpec:
     return spec
 
 
-def block_paths(arch: ArchSpec) -> list[list[str]]:
-    """Return the module path of every residual block, stage by stage."""
-    stages, paths, k = depths(arch), [], 0
-    for s, n in enumerate(stages):
-        if _WRN.match(arch.name):  # one flat Sequential
-            paths.append([f"blocks.{k + b}" for b in range(n)])
+def units(arch: ArchSpec) -> list[list[list[str]]]:
+    """Return the module paths of every block, stage by stage: one path for a residual
+    block (WRN, ResNet), three for VGG's conv, BN and ReLU."""
+    out, k = [], 0
+    for s, n in enumerate(depths(arch)):
+        if _WRN.match(arch.name):  # one flat Sequential of blocks
+            out.append([[f"blocks.{k + b}"] for b in range(n)])
             k += n
+        elif arch.name == "vgg11_bn":  # one flat Sequential: 3 modules a conv, a pool a stage
+            out.append([[f"features.{k + 3 * b + j}" for j in range(3)] for b in range(n)])
+            k += 3 * n + 1
         else:
-            paths.append([f"layer{s + 1}.{b}" for b in range(n)])
-    return paths
+            out.append([[f"layer{s + 1}.{b}"] for b in range(n)])
+    return out
+
+
+def block_paths(arch: ArchSpec) -> list[list[str]]:
+    """Return the path of every block (VGG: of its conv), stage by stage."""
+    return [[unit[0] for unit in stage] for stage in units(arch)]
+
+
+def same_blocks(a: ArchSpec, b: ArchSpec) -> dict[str, str]:
+    """Return B's path of each module of A's blocks (block j of stage s in both) where the
+    two differ: a net and its deepened copy pair block by block ({} unless both are of one
+    of mgrow's families, with as many stages)."""
+    try:
+        ua, ub = units(a), units(b)
+    except MgrowError:
+        return {}
+    if len(ua) != len(ub) or a.name.split("-")[0] != b.name.split("-")[0]:
+        return {}
+    return {x: y for sa, sb in zip(ua, ub) for xa, xb in zip(sa, sb) for x, y in zip(xa, xb)
+            if x != y}
 
 
 def check_name(name: str) -> str:
@@ -113,19 +139,6 @@ def check_name(name: str) -> str:
     shown = name if len(name) <= 40 else name[:37] + "..."
     raise MgrowError(f"unknown architecture {shown!r}: expected one of {', '.join(NAMES)} "
                      "(WRN depth D = 6n + 4, n >= 1; for example wrn-16-4, wrn-28-10)")
-
-
-def same_blocks(a: ArchSpec, b: ArchSpec) -> dict[str, str]:
-    """Return B's path of each residual block of A (block j of stage s in both) where the
-    two differ: a net and its deepened copy pair block by block ({} unless both are WRN or
-    ResNet with as many stages)."""
-    try:
-        pa, pb = block_paths(a), block_paths(b)
-    except MgrowError:
-        return {}
-    if len(pa) != len(pb):
-        return {}
-    return {x: y for sa, sb in zip(pa, pb) for x, y in zip(sa, sb) if x != y}
 
 
 def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,

@@ -2,6 +2,7 @@
 
 At width 1.0 a torchvision `vgg11_bn` state_dict maps onto the plain network 1:1. The
 classifier keeps torchvision's 7x7 adaptive pooling, so it works for any input size.
+`depths` gives the convs of each of the five stages (1, 1, 2, 2, 2; `mgrow deepen` adds).
 
 Imports mgrow.manifest, mgrow.mixing (Builder) and arch.scale.
 """
@@ -15,15 +16,16 @@ from ..manifest import ArchSpec
 from ..mixing import Builder
 from .scale import channels
 
-CFG_A = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+WIDTHS = (64, 128, 256, 512, 512)  # of the five stages; torchvision's config "A" has
+DEPTHS = (1, 1, 2, 2, 2)  # these many convs in each
 
 
 class VGG(nn.Module):
-    def __init__(self, spec: ArchSpec, make: Builder) -> None:
+    def __init__(self, spec: ArchSpec, make: Builder, depths: tuple[int, ...]) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = spec.in_channels
-        for v in CFG_A:
+        for v in [x for w, n in zip(WIDTHS, depths) for x in (*(w,) * n, "M")]:
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
                 continue
@@ -44,5 +46,5 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def vgg11_bn(spec: ArchSpec, make: Builder) -> nn.Module:
-    return VGG(spec, make)
+def vgg11_bn(spec: ArchSpec, make: Builder, depths: tuple[int, ...] = DEPTHS) -> nn.Module:
+    return VGG(spec, make, depths)

@@ -1,4 +1,4 @@
-"""Depth growth: new residual blocks in a trained WRN or ResNet, its function kept.
+"""Depth growth: new blocks in a trained WRN, ResNet or VGG, its function kept.
 
 New blocks go at the end of a stage, where input and output widths agree and the stride is
 1, so their shortcut is the identity; each starts as the identity map because its residual
@@ -11,7 +11,13 @@ branch outputs exactly zero, and the logits are unchanged bit for bit:
   as above (LEMON's depth expansion; in a WRN that zeroes the copy's second conv);
 - mixture (template-mixed networks): each new layer mixes templates its stage already
   learned with a new coefficient vector per tile, orthogonal to the vectors of the layers
-  that use them and at their mean norm; the residual output zeroed as above.
+  that use them and at their mean norm; the residual output zeroed as above;
+- identity (VGG, the one init of a plain stack: Net2DeeperNet): a new conv, BN, ReLU after
+  the stage's last one, the conv a centred one-hot kernel (template-mixed: one of its own
+  templates, on the diagonal tiles), the BN the identity in eval mode. Its input is a
+  ReLU's output, so the ReLU keeps it: the eval-mode function is kept to rounding (about
+  1e-7). In training mode the new BN normalises by the batch's statistics, so the first
+  training step does not start from the same function (what Net2DeeperNet notes for BN).
 
 Banks: the deeper net is built from its ArchSpec, so its banks are what Builder's rule
 makes (pairs of consecutive same-shape layers). A new layer that follows an unpaired old
@@ -20,34 +26,40 @@ old layer's coefficients over them are zero); other new layers get banks of thei
 under mixture filled with copies of the templates of the stage's nearest bank of their
 shape (the rest, if larger, fresh).
 
-Owns `deepen`, `INITS`, `STAGES`. Imports mgrow.arch, bundle, errors, manifest, mixing.
+Owns `deepen`, `INITS`. Imports mgrow.arch, bundle, errors, manifest, mixing.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..arch import block_paths, build, deepened, depths
+from ..arch import block_paths, build, deepened, depths, same_blocks
 from ..bundle import Bundle
 from ..errors import MgrowError
 from ..manifest import Manifest
 from ..mixing import MixedLayer, mixed_layers
 
-INITS = ("zero", "copy", "mixture")
-TOLERANCE = 1e-5  # logits' relative error a deepened net may show (it shows 0)
+INITS = ("zero", "copy", "mixture", "identity")
+TOLERANCE = 1e-5  # logits' relative error a deepened net may show (residual nets: 0)
 
 
 def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
            init: str | None = None, seed: int = 0) -> tuple[Manifest, dict[str, torch.Tensor],
                                                            list[str]]:
     """Return the manifest, tensors and notes of `bundle` with `blocks` new blocks at the end
-    of stage `stage` (1-based; "all": every stage; None: the last). `init` None: mixture
-    for a template-mixed net, zero for a plain one."""
+    of stage `stage` (1-based; "all": every stage; None: the last). `init` None: identity
+    for VGG, mixture for a template-mixed residual net, zero for a plain one."""
     man, where = bundle.manifest, bundle.path
-    old = depths(man.arch)  # refuses what has no residual stages
-    init = init or ("mixture" if man.mixing else "zero")
+    old = depths(man.arch)  # refuses builders' networks
+    stack = man.arch.name == "vgg11_bn"  # no residual: only the identity keeps the function
+    init = init or ("identity" if stack else "mixture" if man.mixing else "zero")
     if init not in INITS:
         raise MgrowError(f"--init {init!r}: expected one of {', '.join(INITS)}")
+    if stack != (init == "identity"):
+        raise MgrowError(f"{where}: --init identity (Net2DeeperNet) is the one way to deepen a "
+                         "plain stack (VGG)" if stack else "--init identity is for a plain "
+                         "stack (VGG): a residual block x + f(x) is the identity when f is 0 "
+                         "(use zero, copy or mixture)")
     if init == "mixture" and man.mixing is None:
         raise MgrowError(f"{where}: plain; --init mixture mixes a template-mixed net's "
                          "templates (use zero or copy, or `mgrow convert` it first)")
@@ -60,18 +72,19 @@ def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
     arch = deepened(man.arch, tuple(n + blocks * (s in stages) for s, n in enumerate(old)))
     source, model = bundle.model().eval(), build(arch, man.mixing, seed=seed).eval()
     olds, news = block_paths(man.arch), block_paths(arch)
-    rename = {o: n for os_, ns in zip(olds, news) for o, n in zip(os_, ns)}
     state = model.state_dict()
-    _carry(source, model, state, rename)
+    _carry(source, model, state, same_blocks(man.arch, arch))
     gen = torch.Generator().manual_seed(seed)
     notes: list[str] = []
     for s in stages:
-        last = rename[olds[s][-1]]
         for path in news[s][len(olds[s]):]:
+            if init == "identity":
+                _identity(model, state, path)
+                continue
             if init == "copy":
-                _copy(state, last, path, s)
+                _copy(state, news[s][len(olds[s]) - 1], path, s)
             elif init == "mixture":
-                notes += _mix(model, state, path, [rename[p] for p in olds[s]], gen)
+                notes += _mix(model, state, path, news[s][:len(olds[s])], gen)
             _zero_residual(model, state, path, arch.name.startswith("wrn-"))
     with torch.no_grad():
         model.load_state_dict(state)
@@ -114,15 +127,15 @@ def _carry(source: torch.nn.Module, model: torch.nn.Module, state: dict[str, tor
     for name, layer in old_mixed.items():
         new = new_mixed[_renamed(name, rename)]
         if banks.setdefault(new.bank_index, layer.bank_index) != layer.bank_index:
-            raise MgrowError(f"internal: {name} would share a bank with another old bank's "
-                             "layer")  # Builder's pairing only ever appends new layers
-    new_of = {old: new for new, old in banks.items()}
-    members = {n: [k for k, v in new_mixed.items() if v.bank_index == n] for n in banks}
+            banks[-1] = layer.bank_index  # two old banks in one new one: refused below
     for new_index, old_index in banks.items():
         olds = [k for k, v in old_mixed.items() if v.bank_index == old_index]
-        if [_renamed(k, rename) for k in olds] != members[new_index][:len(olds)]:
-            raise MgrowError(f"internal: bank {old_index}'s layers do not lead bank "
-                             f"{new_index} of the deeper net")
+        news = [k for k, v in new_mixed.items() if v.bank_index == new_index]
+        if new_index < 0 or [_renamed(k, rename) for k in olds] != news[:len(olds)]:
+            raise MgrowError(f"{olds[-1]}: the new blocks would change which layers share a "
+                             "template bank (a bank pairs two consecutive layers of one shape "
+                             "across the stage's end); deepen another stage, or the plain net")
+    new_of = {old: new for new, old in banks.items()}
     for key, value in source.state_dict().items():
         owner, _, leaf = key.rpartition(".")
         if owner == "banks":
@@ -136,6 +149,41 @@ def _carry(source: torch.nn.Module, model: torch.nn.Module, state: dict[str, tor
             target.narrow(axis, 0, value.shape[axis]).copy_(value)
         else:
             target.copy_(value)
+
+
+def _identity(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Make VGG's new conv `path` (and the BN after it) the identity (Net2DeeperNet): a
+    centred one-hot kernel per channel, bias 0; BN running mean 0, variance 1, scale
+    sqrt(1 + eps), shift 0, so that in eval mode it passes its input through (to rounding).
+    The ReLU after it keeps that input, itself the output of a ReLU, unchanged."""
+    conv = model.get_submodule(path)
+    head, _, i = path.rpartition(".")
+    bn = model.get_submodule(f"{head}.{int(i) + 1}")
+    if isinstance(conv, MixedLayer):  # the identity tile as one of its own templates
+        o, c, k, _ = conv.tile_shape
+        peers = [n for n, v in mixed_layers(model).items() if v.bank_index == conv.bank_index]
+        t = state[f"{path}.alpha"].shape[-1] // len(peers)  # templates each layer brings
+        slot = peers.index(path) * t
+        state[f"banks.{conv.bank_index}"][:, slot] = _eye(o, k)
+        alpha = state[f"{path}.alpha"]
+        alpha.zero_()
+        alpha[range(len(alpha)), range(len(alpha)), slot] = 1.0  # diagonal tiles only
+    else:
+        state[f"{path}.weight"].copy_(_eye(conv.out_channels, conv.kernel_size[0]))
+    if conv.bias is not None:
+        state[f"{path}.bias"].zero_()
+    prefix = f"{head}.{int(i) + 1}"
+    state[f"{prefix}.running_mean"].zero_()
+    state[f"{prefix}.running_var"].fill_(1.0)
+    state[f"{prefix}.weight"].fill_((1.0 + bn.eps) ** 0.5)
+    state[f"{prefix}.bias"].zero_()
+
+
+def _eye(channels: int, k: int) -> torch.Tensor:
+    """Return the (channels, channels, k, k) kernel that passes every channel through."""
+    w = torch.zeros(channels, channels, k, k)
+    w[range(channels), range(channels), k // 2, k // 2] = 1.0
+    return w
 
 
 def _copy(state: dict[str, torch.Tensor], last: str, path: str, stage: int) -> None:
