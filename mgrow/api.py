@@ -279,10 +279,11 @@ def fuse_bundles(a: PathLike | Outcome, b: PathLike | Outcome | None = None,
 def deepen(bundle: BundleIn, output: MaybePathOut = None, *, blocks: Blocks = 1,
            stage: Stage = "last", init: DeepInit | None = None, seed: Seed = 0,
            force: bool = False) -> Path:
-    """Insert `blocks` new residual blocks at the end of stage `stage` (1-based, "last" or
-    "all") of a WRN or ResNet bundle, keeping its function (`mgrow deepen`); return the
-    path. `init`: zero, copy (plain nets) or mixture (template-mixed nets; their default;
-    zero for plain ones). The default output is BUNDLE-deep.safetensors next to it."""
+    """Insert `blocks` new blocks at the end of stage `stage` (1-based, "last" or "all") of
+    a WRN, ResNet or VGG bundle, keeping its function (`mgrow deepen`); return the path.
+    `init`: zero, copy (plain residual nets), mixture (template-mixed ones; their default;
+    zero for plain ones) or identity (VGG's one). The default output is
+    BUNDLE-deep.safetensors next to it."""
     from .phases import deepen_files
     return deepen_files(_path(bundle), output, force=force, blocks=blocks, stage=stage,
                         init=init, seed=seed)[0]

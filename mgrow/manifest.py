@@ -200,6 +200,13 @@ class Manifest(_Strict):
             return s + " plain"
         return s + f" mixed g={self.mixing.factor}" if self.mixing.factor > 1 else s + " mixed"
 
+    def grown(self) -> bool:
+        """Whether growth made this net: fuse (`growth`) or `deepen`, here or in its
+        history. Training a grown net is charged to the growth stage."""
+        return self.growth is not None or any(
+            step.get("operation") == "deepen"
+            for step in (*self.lineage.history, {"operation": self.lineage.operation}))
+
     def with_phase(self, phase: Phase) -> Manifest:
         """Return a copy with one more ledger row."""
         return self.model_copy(update={"phases": (*self.phases, phase)})

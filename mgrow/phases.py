@@ -287,7 +287,7 @@ def finetune(path: Path, source: DataSource, cfg: TrainConfig, output: Path, *,
     data = source.load(man.data, man.arch.input_size)
     if man.data is None:  # e.g. converted without --data: the first data trained on, and
         man = adopt(man, data)  # the size it is read at, which the FLOPs are counted at
-    stage = "growth" if man.growth is not None else "base"
+    stage = "growth" if man.grown() else "base"
     model = bundle.model()
     recalibration = None
     if bn_recalibrate:

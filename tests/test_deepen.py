@@ -220,8 +220,15 @@ def test_cli_deepen_writes_refuses_and_cka_pairs_blocks(tmp_path, digits_200):
     assert min(res["matched"].values()) > 1 - 1e-6  # the same function, layer by layer
 
 
+def test_the_command_line_offers_every_init():
+    from mgrow.cli.options import DeepInit
+    from mgrow.growth import DEEPEN_INITS
+    assert [e.value for e in DeepInit] == list(DEEPEN_INITS)
+
+
 def test_a_deepened_net_trains_on(tmp_path, digits_200):
-    """The new blocks learn: one more epoch of the deepened net lowers its test loss."""
+    """The new blocks learn: one more epoch of the deepened net lowers its test loss, and
+    the epoch is charged to the growth stage (deepening is growth)."""
     from mgrow.data import DataSource
     from mgrow.engine import TrainConfig, evaluate
     from mgrow.phases import finetune
@@ -235,5 +242,32 @@ def test_a_deepened_net_trains_on(tmp_path, digits_200):
                    progress="quiet")
     trained = load(out.path)
     assert evaluate(trained.model(), data)[1] < before
+    assert [p.stage for p in trained.manifest.phases] == ["base", "growth"]
     new = f"{block_paths(man.arch)[0][1]}.conv2.alpha"  # the zeroed layer left zero
     assert trained.tensors[new].abs().max() > 0
+
+
+def test_the_depth_experiment_charges_growth_and_keeps_the_start(tmp_path, tiny_cifar,
+                                                                 cifar_batch):
+    """examples/deepen.py at its tiny scale on real CIFAR-10: the deepened start computes
+    the start's logits, the finetune is the only charged phase and spends the budget."""
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("deepen_ex", ROOT / "examples/deepen.py")
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    out = tmp_path / "run"
+    ex.main(["--scale", "tiny", "--out", str(out), "--data", f"npz:{tiny_cifar}",
+             "--rows", "base,deepen-mixture,large-match", "--quiet"])
+    runs = {r["row"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs) == {"base", "deepen-mixture", "large-match"}
+    base, deep = runs["base"], runs["deepen-mixture"]
+    assert deep["ledger"][:-1] == base["ledger"] and deep["ledger"][-1]["stage"] == "growth"
+    budget = ex.SCALES["tiny"]["budget"]
+    assert budget <= deep["flops_norm"] <= budget * 1.2  # whole batches: at most one more
+    assert abs(runs["large-match"]["flops_norm"] - deep["flops_norm"]) < 0.1
+    x = cifar_batch[:8]
+    start = load(out / "seed0/base.safetensors").model().eval()
+    grown = load(out / "seed0/deepen-mixture.grown.safetensors").model().eval()
+    assert torch.equal(grown(x), start(x))
+    assert "deepen-mixture" in (out / "results.md").read_text()

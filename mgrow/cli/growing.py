@@ -205,7 +205,8 @@ def deepen(
         "--init", help="New blocks: zero (fresh, the residual output zeroed), copy (the "
         "stage's last block copied, its residual output zeroed; plain nets), mixture "
         "(new coefficients over the stage's learned templates, orthogonal to its layers'; "
-        "template-mixed nets) [default: mixture for a template-mixed net, else zero].",
+        "template-mixed nets), identity (VGG: Net2DeeperNet's identity layers) [default: "
+        "identity for VGG, mixture for a template-mixed net, else zero].",
         show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Bundle to write [default: BUNDLE-deep.safetensors next to "
@@ -213,7 +214,7 @@ def deepen(
     seed: SeedOpt = 0,
     force: Force = False,
 ):
-    """Insert residual blocks at the end of a stage of a WRN or ResNet, keeping its function
+    """Insert blocks at the end of a stage of a WRN, ResNet or VGG, keeping its function
     (the logits are unchanged: each new block starts as the identity). No data is read."""
     from ..api import deepen as run
     from ..bundle import load

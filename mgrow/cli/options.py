@@ -63,7 +63,7 @@ Tiling = choices("Tiling", "vertical", "horizontal")
 
 Init = choices("Init", "orthogonal", "random", "copy", "zero")
 Method = choices("Method", "mixture", "random", "net2net", "gradmax", "firefly", "zero")
-DeepInit = choices("DeepInit", "zero", "copy", "mixture")  # mgrow.growth.DEEPEN_INITS
+DeepInit = choices("DeepInit", "zero", "copy", "mixture", "identity")  # growth.DEEPEN_INITS
 Sharing = choices("Sharing", "pairs", "none")
 Norm = choices("Norm", "every", "block")
 Spare = choices("Spare", "random", "permuted")
