@@ -74,19 +74,35 @@ WIDENING = {torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m
 COUNTER = "num_batches_tracked"  # BatchNorm's step counter: the one integer tensor
 
 
-def conform(tensors: dict[str, torch.Tensor], where: object) -> dict[str, torch.Tensor]:
+def integer_buffers(model: nn.Module) -> frozenset[str]:
+    """Return the state_dict keys of `model`'s integer buffers (Swin's relative position
+    index, say): tensors `conform` then keeps as integers."""
+    return frozenset(k for k, v in model.state_dict().items()
+                     if not v.is_floating_point() and v.dtype != torch.bool
+                     and k.rpartition(".")[2] != COUNTER)
+
+
+def conform(tensors: dict[str, torch.Tensor], where: object,
+            integers: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Return the tensors as mgrow computes with them (float32, counters int64), or raise
     MgrowError naming the first tensor that does not convert exactly.
 
     Accepted: float32; float16, bfloat16 and float8 (every value exact in float32);
-    float64 whose values are all exact in float32; integer BatchNorm counters. Refused:
+    float64 whose values are all exact in float32; integer BatchNorm counters; integer
+    tensors at the keys `integers` names (buffers the network declares integer: int64).
+    Refused:
     sparse, meta (no data), quantised, complex, boolean and integer weights, inexact
     float64, and storage shared between entries (tied weights). Then every value must be
     finite.
     """
     out: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
-        out[k] = _conform_one(k, v, where)
+        index = k in integers and v.layout == torch.strided and v.device.type != "meta" \
+            and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+        if k in integers and not index:
+            raise MgrowError(f"{where}: tensor {k} is {str(v.dtype).removeprefix('torch.')}; "
+                             "the network's buffer there holds integers")
+        out[k] = v.to(torch.int64) if index else _conform_one(k, v, where)
     _check_unshared(tensors, where)
     check_finite(out, where)
     return out
@@ -212,7 +228,7 @@ def load(path: str | os.PathLike) -> Bundle:
                              if k != "__metadata__" and isinstance(v, dict)}, path)
     data = read_bytes(path)
     manifest = _manifest(header(data, path), path)
-    tensors = conform(load_tensors(data, path), path)
+    tensors = conform(load_tensors(data, path), path, integer_buffers(skeleton_))
     bundle = Bundle(manifest, tensors, Path(path), hashlib.sha256(data).hexdigest())
     check_tensors(skeleton_, tensors, path)
     return bundle

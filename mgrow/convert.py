@@ -44,7 +44,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from .arch import build
-from .bundle import COUNTER, check_tensors, conform, header, load_tensors
+from .bundle import COUNTER, check_tensors, conform, header, integer_buffers, load_tensors
 from .errors import MgrowError
 from .files import read_bytes
 from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Parent
@@ -60,13 +60,14 @@ def read_checkpoint(path: str | Path, expected: Collection[str] | None = None
     return read_model(path, expected)[0]
 
 
-def read_model(path: str | Path, expected: Collection[str] | None = None
+def read_model(path: str | Path, expected: Collection[str] | None = None,
+               integers: frozenset[str] = frozenset()
                ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Return (the model's state_dict in a checkpoint file, the keys left out as outside
-    the model): see model_state."""
+    the model): see model_state; `integers`: the model's integer buffers (bundle.conform)."""
     p = Path(path)
     state, outside = model_state(_load_state(p), expected)
-    return with_bn_counters(conform(state, p)), outside
+    return with_bn_counters(conform(state, p, integers)), outside
 
 
 # Classes a checkpoint may hold beside its tensors, allowed to torch's weights-only loader
@@ -376,7 +377,9 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     with writer_lock(output):  # held from the start: a second writer is refused at once
         arch = ArchSpec(name=arch_name, width=width, input_size=input_size or
                         default_input_size(arch_name), norm=norm)
-        state, outside = read_model(src, build(arch, meta=True).state_dict().keys())
+        skeleton = build(arch, meta=True)
+        state, outside = read_model(src, skeleton.state_dict().keys(),
+                                    integer_buffers(skeleton))
         check_family(state, arch_name, src)
         classes, channels = read_shape(state, arch)
         arch = arch.model_copy(update={

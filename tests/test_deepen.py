@@ -122,7 +122,7 @@ def test_copy_duplicates_the_last_block_and_refuses_a_shape_change(tmp_path):
 
 
 @pytest.mark.parametrize("name,mixing,kw,message", [
-    ("torchvision:resnet18", PLAIN, {}, "a builder's network; depth is an option of"),
+    ("torchvision:mobilenet_v2", PLAIN, {}, "no stage of residual blocks"),
     ("vgg11_bn", PLAIN, {"init": "zero"}, "identity \\(Net2DeeperNet\\) is the one way"),
     ("wrn-10-1", PLAIN, {"init": "identity"}, "x \\+ f\\(x\\) is the identity when f is 0"),
     ("vgg11_bn", MIXED, {"stage": 4}, "features.22: the new blocks would change which layers"),
@@ -133,7 +133,7 @@ def test_copy_duplicates_the_last_block_and_refuses_a_shape_change(tmp_path):
     ("wrn-10-1", MIXED, {"blocks": 0}, "--blocks takes a whole number >= 1"),
 ])
 def test_refusals_name_the_problem(tmp_path, name, mixing, kw, message):
-    width = {"wrn-10-1": 0.5, "vgg11_bn": 0.125, "torchvision:resnet18": 1.0}.get(name, 0.25)
+    width = {"wrn-10-1": 0.5, "vgg11_bn": 0.125, "torchvision:mobilenet_v2": 1.0}.get(name, 0.25)
     b = _bundle(tmp_path, name, width, "every", mixing)
     with pytest.raises(MgrowError, match=message):
         deepen(b, **{"blocks": 1, **kw})
@@ -271,3 +271,82 @@ def test_the_depth_experiment_charges_growth_and_keeps_the_start(tmp_path, tiny_
     grown = load(out / "seed0/deepen-mixture.grown.safetensors").model().eval()
     assert torch.equal(grown(x), start(x))
     assert "deepen-mixture" in (out / "results.md").read_text()
+
+
+TRACED = [  # name, input size, builder options, stage
+    ("torchvision:resnet18", 32, {}, "all"),
+    ("torchvision:convnext_tiny", 32, {}, "all"),
+    ("torchvision:swin_t", 64, {}, "all"),  # integer buffers (relative position index)
+    ("torchvision:regnet_y_400mf", 32, {}, "last"),  # a builder that needs the CPU to plan
+    ("torchvision:efficientnet_b0", 32, {}, 4),
+    ("timm:resnet18", 32, {}, "all"),
+    ("timm:convnext_atto", 32, {}, "all"),  # the shortcut an Identity module
+    ("timm:vit_tiny_patch16_224", 32, {"img_size": 32}, "all"),
+]
+
+
+def _traced(tmp_path, name, size, options):
+    arch = ArchSpec(name=name, input_size=size, options=options)
+    model = build(arch, seed=0)
+    with torch.no_grad():  # a classifier head some builders start at zero: logits that move
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.out_features == arch.num_classes:
+                m.weight.normal_(0, 0.05)
+    from mgrow.bundle import save_model
+    from mgrow.manifest import Lineage, Manifest
+    path = tmp_path / "traced.safetensors"
+    return load(save_model(path, Manifest(arch=arch, lineage=Lineage(operation="init")), model))
+
+
+@pytest.mark.parametrize("name,size,options,stage", TRACED)
+@pytest.mark.parametrize("init", ["copy", "zero"])
+def test_builders_networks_grow_deeper_keeping_the_function(tmp_path, name, size, options,
+                                                             stage, init):
+    b = _traced(tmp_path, name, size, options)
+    man, tensors, notes = deepen(b, 1, stage, init, seed=1)
+    assert man.arch.depths is not None and len(notes) >= 1
+    new = load(save(tmp_path / "deep.safetensors", man, tensors))  # rebuilt from its manifest
+    assert len(new.tensors) > len(b.tensors)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(new.model(), x), _logits(b.model(), x))
+
+
+def test_a_builders_network_deepens_and_widens_in_either_order(tmp_path, cifar_batch):
+    x = cifar_batch[:4]
+    b = _traced(tmp_path, "timm:resnet10t", 32, {})  # stages of one block: the first keeps
+    want = _logits(b.model(), x)  # the shape
+    man, tensors, _ = deepen(b, 1, 1, "copy")  # deeper, then wider (net2net)
+    deep = load(save(tmp_path / "deep.safetensors", man, tensors))
+    grown = fuse([deep], factor=2, method="net2net", noise=0.0)
+    wide = load(save(tmp_path / "wide.safetensors", grown.manifest, grown.tensors))
+    assert torch.allclose(_logits(wide.model(), x), want, rtol=1e-4, atol=1e-4)
+    grown = fuse([b], factor=2, method="net2net", noise=0.0)  # wider, then deeper
+    wide = load(save(tmp_path / "wide2.safetensors", grown.manifest, grown.tensors))
+    man, tensors, _ = deepen(wide, 1, 1, "zero")
+    both = load(save(tmp_path / "both.safetensors", man, tensors))
+    assert torch.equal(_logits(both.model(), x), _logits(wide.model(), x))
+    assert {k: v.shape for k, v in both.tensors.items()} == \
+        {k: v.shape for k, v in load(tmp_path / "wide.safetensors").tensors.items()}
+
+
+def test_a_stage_without_an_identity_block_is_refused(tmp_path):
+    b = _traced(tmp_path, "torchvision:efficientnet_b0", 32, {})
+    with pytest.raises(MgrowError, match=r"features.7.1: MBConv has no residual branch.*"
+                       "choose another --stage"):
+        deepen(b, 1, "last")
+    with pytest.raises(MgrowError, match=r"--stage 9: expected 1..7 \(features.1, "):
+        deepen(b, 1, 9)
+    with pytest.raises(MgrowError, match="deepens by zero .* or copy"):
+        deepen(b, 1, 4, "mixture")
+
+
+def test_integer_buffers_load_as_integers_and_only_there(tmp_path):
+    """Swin's relative position index is an int64 buffer: a bundle holds and reloads it;
+    a float tensor at its key is refused, as an integer one at a weight's is."""
+    b = _traced(tmp_path, "torchvision:swin_t", 64, {})
+    key = next(k for k in b.tensors if k.endswith("relative_position_index"))
+    assert b.tensors[key].dtype == torch.int64
+    bad = dict(b.tensors, **{key: b.tensors[key].float()})
+    save(tmp_path / "bad.safetensors", b.manifest, bad)
+    with pytest.raises(MgrowError, match=f"tensor {key} is float32; the network's buffer"):
+        load(tmp_path / "bad.safetensors")

@@ -152,8 +152,8 @@ def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,
     size), and refused in one line if it cannot take that input or would not fit memory.
     """
     check_name(arch.name)
-    if arch.depths is not None:
-        depths(arch)  # one count per stage of a residual family
+    if arch.depths is not None and not is_traced(arch.name):
+        depths(arch)  # one count per stage of a family (a builder's: arch.stages checks)
     if is_traced(arch.name) and mixing is not None:
         raise MgrowError(f"{arch.name}: template-mixed builders' networks are not supported "
                          "yet; use a plain one (--plain)")

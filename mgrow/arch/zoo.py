@@ -3,14 +3,17 @@
 The builder is called with `num_classes`, `in_chans` (timm) and the manifest's builder
 options, never with pretrained weights: a checkpoint is something the user gives. A network
 grown by g (`ArchSpec.width` = g, an integer) is rebuilt by growing the built one along the
-plan mgrow.arch.widen observes, so a bundle alone rebuilds its model.
+plan mgrow.arch.widen observes, so a bundle alone rebuilds its model; a deepened one
+(`ArchSpec.depths`) has its stages extended first (arch.stages).
 
-Owns `is_traced`, `check_traced`, `build_traced`. Imports mgrow.errors, manifest and
-arch.widen; torchvision always, timm only when a timm name is asked for (`mgrow[timm]`).
+Owns `is_traced`, `check_traced`, `build_traced`. Imports mgrow.errors, manifest,
+arch.widen, arch.plans and arch.stages; torchvision always, timm only when a timm name is
+asked for (`mgrow[timm]`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -19,6 +22,7 @@ from torch import nn
 from ..errors import MgrowError
 from ..manifest import ArchSpec
 from .plans import apply
+from .stages import extend
 from .widen import plan
 
 PREFIXES = ("torchvision:", "timm:")
@@ -49,6 +53,38 @@ def check_traced(name: str) -> str:
     elif not _timm().is_model(model):
         raise MgrowError(f"unknown timm model {model!r} (see timm.list_models())")
     return name
+
+
+@contextlib.contextmanager
+def _weights_on_meta():
+    """Move every parameter and buffer to the meta device as a module registers it, so a
+    builder that computes its layout with tensors (torchvision's RegNet rounds widths with
+    torch ops, which the meta device cannot read back) builds a shapes-only network with at
+    most one layer's weights in memory at a time."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self, name, param):
+        register_parameter(self, name, param if param is None else nn.Parameter(
+            param.to("meta"), requires_grad=param.requires_grad))
+
+    def buffer(self, name, tensor, persistent=True):
+        register_buffer(self, name, tensor if tensor is None else tensor.to("meta"), persistent)
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.Module.register_buffer = register_parameter, \
+            register_buffer
+
+
+def _on_meta(arch: ArchSpec) -> nn.Module:
+    """Return the builder's network on the meta device."""
+    try:
+        with torch.device("meta"):
+            return _construct(arch)
+    except MgrowError:  # a builder that reads tensors back while it plans its layers
+        with _weights_on_meta():
+            return _construct(arch)
 
 
 def _construct(arch: ArchSpec) -> nn.Module:
@@ -84,9 +120,13 @@ def build_traced(arch: ArchSpec, seed: int = 0, meta: bool = False) -> nn.Module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if g == 1 and meta:
-            with torch.device("meta"):
-                return _construct(arch).eval()
+            model = _on_meta(arch).eval()
+            if arch.depths is not None:
+                extend(model, arch.depths, fresh=False)
+            return model
         model = _construct(arch).eval()
+        if arch.depths is not None:  # deepened (mgrow deepen): before widening, whose plan
+            extend(model, arch.depths, fresh=True)  # then grows the new blocks too
     if g == 1:
         return model
     shape = (2, arch.in_channels, arch.input_size, arch.input_size)

@@ -31,9 +31,12 @@ Owns `deepen`, `INITS`. Imports mgrow.arch, bundle, errors, manifest, mixing.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from ..arch import block_paths, build, deepened, depths, same_blocks
+from ..arch import block_paths, build, deepened, depths, is_traced, same_blocks
+from ..arch.stages import extend, find_stages, zero_residual
 from ..bundle import Bundle
 from ..errors import MgrowError
 from ..manifest import Manifest
@@ -50,7 +53,11 @@ def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
     of stage `stage` (1-based; "all": every stage; None: the last). `init` None: identity
     for VGG, mixture for a template-mixed residual net, zero for a plain one."""
     man, where = bundle.manifest, bundle.path
-    old = depths(man.arch)  # refuses builders' networks
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise MgrowError(f"--blocks takes a whole number >= 1, not {blocks!r}")
+    if is_traced(man.arch.name):
+        return _traced(bundle, blocks, stage, init or "zero", seed)
+    old = depths(man.arch)
     stack = man.arch.name == "vgg11_bn"  # no residual: only the identity keeps the function
     init = init or ("identity" if stack else "mixture" if man.mixing else "zero")
     if init not in INITS:
@@ -66,8 +73,6 @@ def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
     if init == "copy" and man.mixing is not None:
         raise MgrowError(f"{where}: template-mixed; --init copy deepens a plain net (use "
                          "mixture: new layers from the stage's learned templates)")
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise MgrowError(f"--blocks takes a whole number >= 1, not {blocks!r}")
     stages = _stages(stage, len(old))
     arch = deepened(man.arch, tuple(n + blocks * (s in stages) for s, n in enumerate(old)))
     source, model = bundle.model().eval(), build(arch, man.mixing, seed=seed).eval()
@@ -95,7 +100,44 @@ def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
     return manifest, {k: v.detach().clone() for k, v in model.state_dict().items()}, notes
 
 
-def _stages(stage: int | str | None, count: int) -> list[int]:
+def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
+            seed: int) -> tuple[Manifest, dict[str, torch.Tensor], list[str]]:
+    """deepen for a builder's network: copies of a stage's last block (arch.stages)."""
+    man = bundle.manifest
+    if init not in ("zero", "copy"):
+        raise MgrowError(f"--init {init}: a builder's network is plain and residual; it "
+                         "deepens by zero (fresh blocks) or copy")
+    source = bundle.model().eval()
+    model = copy.deepcopy(source)
+    stages = find_stages(model)
+    if not stages:
+        raise MgrowError(f"{man.arch.name}: no stage of residual blocks (an nn.Sequential of "
+                         "blocks of one class) to deepen")
+    chosen = _stages(stage, len(stages), [p for p, _ in stages])
+    seen: dict[int, torch.Tensor] = {}  # each chosen stage's output: what new blocks get
+    hooks = [stages[s][1].register_forward_hook(
+        lambda _m, _i, y, s=s: seen.__setitem__(s, y.detach())) for s in chosen]
+    _check_kept(source, model, man.arch)  # runs the probe through both
+    for h in hooks:
+        h.remove()
+    new = tuple(len(m) + blocks * (s in chosen) for s, (_, m) in enumerate(stages))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        added = extend(model, new, fresh=init == "zero")
+    notes = []
+    for path in added:
+        s = next(k for k, (p, _) in enumerate(stages) if path.startswith(p + "."))
+        ends = zero_residual(model.get_submodule(path), seen[s], path)
+        notes.append(f"{path}: zeroed {', '.join(ends)}")
+    _check_kept(source, model, man.arch)
+    arch = man.arch.model_copy(update={"depths": new})
+    options = {"blocks": blocks, "stages": [s + 1 for s in chosen], "init": init,
+               "seed": seed, "depths": list(new)}
+    manifest = man.derived("deepen", options, (bundle.parent(),), arch=arch)
+    return manifest, {k: v.detach().clone() for k, v in model.state_dict().items()}, notes
+
+
+def _stages(stage: int | str | None, count: int, names: list[str] | None = None) -> list[int]:
     """Return the 0-based stages `--stage` names."""
     if stage is None or stage == "last":
         return [count - 1]
@@ -106,7 +148,8 @@ def _stages(stage: int | str | None, count: int) -> list[int]:
     except (TypeError, ValueError):
         s = 0
     if isinstance(stage, bool) or not 1 <= s <= count or str(s) != str(stage).strip():
-        raise MgrowError(f"--stage {stage!r}: expected 1..{count}, last or all")
+        named = f" ({', '.join(names)})" if names else ""
+        raise MgrowError(f"--stage {stage!r}: expected 1..{count}{named}, last or all")
     return [s - 1]
 
 
