@@ -23,6 +23,8 @@ number comes with its ledger. Rows:
                   ablations of `mg` (same sibling); zero: the grown net starts as the
                   mean of the two members (function-preserving)
   mg-point-P      the growth-point sweep (sibling trained for P x E epochs)
+  mg-templates-T  `mg` from a small net and sibling with T templates per layer (a bank of a
+                  pair holds 2T; `small` has 2): the lever "more templates" (issue 24)
   mg-lr-X         `mg` finetuned with peak lr X instead of the rule's (the sweep that
                   chooses the post-growth rule, down to the official code's 1e-3 and 1e-4;
                   its cost is reported per row)
@@ -118,6 +120,7 @@ GROWTH_STEPS = 8  # batches of the gradmax/firefly growth step, unless a scale s
 ABLATIONS = ("mg-init-random", "mg-init-copy", "mg-init-zero", "mg-horizontal",
              "random-plain", "net2net-plain", "mg-converted-sibling")
 POINTS = (0.0, 0.5, 1.0)
+LEVERS = ("mg-templates-4",)  # levers of `mg` not measured before (issue 24)
 LRS = (0.02, 0.05, 1e-3, 1e-4)  # post-growth peak lr sweep of `mg` (the rule's lr is `mg`)
 # the candidate best recipe (fuse options): a function-preserving start (the members'
 # ensemble at growth: 39.7% vs 20.2% for orthogonal, BN corrected, in
@@ -141,14 +144,16 @@ def parse_row(name: str) -> tuple[str, float | None]:
     kind, _, arg = base.rpartition("-")
     try:
         growth = base in GROWTH or kind == "mg-init" and arg in INITS or \
-            kind == "mg-point" and 0 <= float(arg) <= 1
+            kind == "mg-point" and 0 <= float(arg) <= 1 or \
+            kind == "mg-templates" and arg.isdigit() and 1 <= int(arg) <= 64
         if sep and not (growth and float(lr) > 0):
             raise ValueError
     except ValueError:
         growth = False
     if not growth and (sep or base not in FIXED):
         sys.exit(f"error: unknown row {name!r}: expected one of "
-                 f"{', '.join((*FIXED, *GROWTH))}, mg-init-INIT, mg-point-P (0-1), or a "
+                 f"{', '.join((*FIXED, *GROWTH))}, mg-init-INIT, mg-point-P (0-1), "
+                 "mg-templates-T, or a "
                  "growth row + -lr-X (finetuned at peak lr X)")
     return base, float(lr) if sep else None
 
@@ -181,19 +186,24 @@ class Runner:
         return {"progress": self.progress, "resume": side_files(self.path(name))[0].exists()}
 
     def train(self, name: str, width: float, epochs: float, mixed: bool = True) -> Path:
+        """Train row `name` from scratch (small-templates-T: `small` with T templates)."""
         if not self.path(name).exists():
+            kind, _, t = name.rpartition("-")
+            mixing = MixingSpec(templates=int(t)) if kind == "small-templates" else \
+                MixingSpec() if mixed else None
             train_new(self.s["arch"], self.source, self.cfg(epochs), self.path(name),
-                      mixing=MixingSpec() if mixed else None, width=width * self.width,
+                      mixing=mixing, width=width * self.width,
                       norm=self.s.get("norm", "every"), **self.run_options(name))
         return self.path(name)
 
-    def sibling(self, point: float) -> Path:
-        """The sibling trained for `point` x E epochs (0: untrained, fresh templates)."""
-        name = f"sibling-{point:g}"
+    def sibling(self, point: float, start: str = "small") -> Path:
+        """The sibling of `start` trained for `point` x E epochs (0: untrained, fresh
+        templates)."""
+        name = f"sibling-{point:g}" + start.removeprefix("small")
         path = self.path(name)
         if path.exists():
             return path
-        small = load(self.train("small", 0.5, self.s["epochs"]))
+        small = load(self.train(start, 0.5, self.s["epochs"]))
         if point == 0:
             man = small.manifest
             fresh = Manifest(arch=man.arch, mixing=man.mixing, data=man.data,
@@ -209,8 +219,9 @@ class Runner:
              start: str = "small", **options) -> tuple[Path, float]:
         """Fuse `start` (and `sibling`) and finetune to the budget under the post-growth
         rule; return the final bundle and growth-point top-1 (BN as fused)."""
+        mixed = start.startswith("small") and start != "small-plain"
         small = self.converted() if start == "converted" else self.train(
-            start, 0.5, self.s["epochs"], mixed=start == "small")
+            start, 0.5, self.s["epochs"], mixed=mixed)
         grown = self.grown(name)
         if not grown.exists():
             fuse_files(small, sibling, grown, seed=self.seed,
@@ -300,12 +311,16 @@ class Runner:
                 dict(BEST) if base == "mg-best" else {}
             if base.startswith("mg-init-"):
                 options = {"init": base.rpartition("-")[2]}
-            path, at_growth = self.grow(name, self.sibling(point), lr, **options)
+            start = f"small-{base.removeprefix('mg-')}" if base.startswith("mg-templates-") \
+                else "small"
+            path, at_growth = self.grow(name, self.sibling(point, start), lr, start=start,
+                                        **options)
         man = load(path).manifest
         ref = reference_flops(man.model_copy(update={"arch": self.small_arch().widened(2)}), E)
         charged = [p for p in man.phases if p.stage == "growth"] if at_growth is not None \
             else list(man.phases)
-        start = "small-plain" if base in PLAIN_START else "small"
+        start = "small-plain" if base in PLAIN_START else \
+            f"small-{base.removeprefix('mg-')}" if base.startswith("mg-templates-") else "small"
         grew = at_growth is not None
         return {"row": name, "seed": self.seed, "date": datetime.date.today().isoformat(),
                 "top1": self.eval(path),
@@ -488,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
                    "scales need imagefolder:FOLDER with train/ and val/]")
     p.add_argument("--rows", default="main", help="main (imagenet scales: the paper's "
                    "ImageNet rows); paper (main + ablations + post-growth lr sweep); all "
-                   "(paper + growth points); or a comma-separated list of rows, where any "
+                   "(paper + growth points + levers); or a comma-separated list of rows, where any "
                    "growth row + -lr-X (say net2net-lr-0.02) is that row finetuned at peak lr X")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--report-only", action="store_true", help="train nothing: tabulate the "
@@ -512,7 +527,7 @@ def main(argv: list[str] | None = None) -> None:
               f"({torch.get_num_threads()} threads)")
         return
     extra = ABLATIONS + tuple(f"mg-lr-{x:g}" for x in LRS)
-    points = tuple(f"mg-point-{x:g}" for x in POINTS)
+    points = tuple(f"mg-point-{x:g}" for x in POINTS) + LEVERS
     stages = {"main": [main_rows], "paper": [main_rows, extra],
               "all": [main_rows, extra, points]}.get(
         a.rows, [tuple(a.rows.split(","))])

@@ -29,7 +29,7 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
     result = json.loads((out / "results.json").read_text())
     runs = {r["row"]: r for r in result["runs"]}
     expected = rep.MAIN + rep.ABLATIONS + tuple(f"mg-lr-{x:g}" for x in rep.LRS) + tuple(
-        f"mg-point-{x:g}" for x in rep.POINTS)
+        f"mg-point-{x:g}" for x in rep.POINTS) + rep.LEVERS
     assert set(runs) == set(expected)
     scale = rep.SCALES["tiny"]
     step = scale["batch"] / scale["subset"] / scale["epochs"]  # one large-net step, normalised
@@ -50,7 +50,8 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
             per_step = ft["train_flops"] / ft["images"] * scale["batch"]
             left = scale["budget"] * ref - sum(p["train_flops"] for p in growth[:-1])
             assert ft["images"] == scale["batch"] * round(left / per_step), name
-            start = "small-plain" if name in plain_start else "small"
+            start = "small-plain" if name in plain_start else "small-templates-4" if \
+                name == "mg-templates-4" else "small"
             assert r["start_sha256"] == rep.weights_sha(out / f"seed0/{start}.safetensors")
             grown = load(out / f"seed0/{name.partition('-lr-')[0]}.grown.safetensors")
             assert r["grown_sha256"] == rep.weights_sha(grown.path), name
@@ -72,6 +73,9 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
         assert name in fused[0]["arch"]
     sibling = [p for p in runs["mg"]["ledger"] if p["operation"] == "train-sibling"]
     assert len(sibling) == 1 and sibling[0]["stage"] == "growth"
+    # the lever "more templates": its own small net and sibling, 4 templates a layer
+    assert load(out / "seed0/mg-templates-4.safetensors").manifest.mixing.templates == 4
+    assert runs["mg-templates-4"]["ledger"][0]["arch"] == "wrn-16-1 x0.5 mixed"
     assert not [p for p in runs["mg-nofusion"]["ledger"] if p["operation"] == "train-sibling"]
     # the converted checkpoint's own training is its base; growing it costs the budget
     base = [p for p in runs["mg-converted"]["ledger"] if p["stage"] == "base"]
@@ -129,7 +133,9 @@ def test_row_names_are_checked_before_anything_trains(tmp_path):
     assert rep.parse_row("mg-init-zero") == ("mg-init-zero", None)
     assert rep.parse_row("net2net-lr-0.02") == ("net2net", 0.02)
     assert rep.parse_row("mg-point-0.5-lr-1e-4") == ("mg-point-0.5", 1e-4)
-    for bad in ("mgg", "large-lr-0.1", "mg-lr-x", "mg-lr--1", "mg-init-bogus", "mg-point-2"):
+    assert rep.parse_row("mg-templates-4") == ("mg-templates-4", None)
+    for bad in ("mgg", "large-lr-0.1", "mg-lr-x", "mg-lr--1", "mg-init-bogus", "mg-point-2",
+                "mg-templates-0", "mg-templates-x"):
         with pytest.raises(SystemExit, match=re.escape(f"unknown row {bad!r}")):
             rep.parse_row(bad)
     with pytest.raises(SystemExit, match="unknown row 'mgg'"):
