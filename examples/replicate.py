@@ -546,9 +546,14 @@ def main(argv: list[str] | None = None) -> None:
                 if (seed, name) in runs and not runner.path(name).exists():
                     continue
                 print(f"[seed {seed}] {name}", file=sys.stderr, flush=True)
-                runs[seed, name] = runner.row(name)
-                write_results(a, scale, list(runs.values()))  # after every row
+                row = runner.row(name)
+                # after every row, into what the file holds now: another run writing rows
+                # of its own into the same --out meanwhile keeps them
+                runs = recorded_runs(a.out / "results.json", a.scale) | runs
+                runs[seed, name] = row
+                write_results(a, scale, list(runs.values()))
     if runs:
+        runs = recorded_runs(a.out / "results.json", a.scale) | runs
         write_results(a, scale, list(runs.values()))
     print((a.out / "results.md").read_text() if runs else "no rows finished yet")
 

@@ -210,3 +210,23 @@ def test_imagenet_recipe_end_to_end_on_a_photo_folder(image_folder, tmp_path):
         assert (man.arch.name, man.arch.width) == ("resnet50", width)
         assert man.data.spec == f"imagefolder:{image_folder}"
         assert (man.data.input_size, man.data.mean) == (32, IMAGENET_MEAN)
+
+
+def test_rows_another_run_records_meanwhile_are_kept(tiny_cifar, tmp_path, monkeypatch):
+    """Two runs into one --out (one paused while the other trains): each writes its rows
+    into what the file holds at the time, so neither loses the other's."""
+    rep = _replicate()
+    out = tmp_path / "rep"
+    real = rep.Runner.row
+
+    def row(self, name):
+        if name == "small-plain":  # meanwhile, another run records seed 5's large
+            held = json.loads((out / "results.json").read_text())
+            held["runs"].append(dict(held["runs"][0], row="large", seed=5))
+            (out / "results.json").write_text(json.dumps(held))
+        return real(self, name)
+    monkeypatch.setattr(rep.Runner, "row", row)
+    rep.main(["--scale", "tiny", "--rows", "small,small-plain", "--out", str(out), "--quiet",
+              "--data", f"npz:{tiny_cifar}"])
+    runs = {(r["seed"], r["row"]) for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert runs == {(0, "small"), (0, "small-plain"), (5, "large")}
