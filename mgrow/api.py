@@ -151,6 +151,7 @@ Method = Literal[NAMES]  # type: ignore[valid-type]
 DeepInit = Literal[tuple(DEEPEN_INITS)]  # type: ignore[valid-type]
 Blocks = Annotated[int, Field(ge=1, le=L.MAX_DEPTH)]
 Stage = Annotated[int, Field(ge=1, le=8)] | Literal["all", "last"]
+Options = dict[str, str | bool | int | float]  # a builder's keyword arguments
 # the command line's upper bounds of the knobs, which TrainConfig leaves open
 _KNOB_MAX = {"epochs": L.MAX_EPOCHS, "lr": L.MAX_LR, "batch_size": L.MAX_BATCH, "seed": L.MAX_SEED,
              "weight_decay": L.MAX_WEIGHT_DECAY, "warmup_epochs": L.MAX_EPOCHS}
@@ -210,14 +211,17 @@ def train(arch: str, output: PathOut, *, data: DataIn = "digits",
           epochs: Epochs | None = None, width: Width = 1.0, mixed: bool = True,
           norm: Norm = "every", templates: Templates = 2, sharing: Sharing = "pairs",
           subset: Subset | None = None, config: ConfigIn = None, progress: ProgressIn = "bar",
-          resume: bool = False, force: bool = False, **knobs: Any) -> Outcome:
-    """Train a network from scratch (`mgrow train`; epochs default 10); return the outcome."""
+          resume: bool = False, force: bool = False, options: Options | None = None,
+          **knobs: Any) -> Outcome:
+    """Train a network from scratch (`mgrow train`; epochs default 10); return the outcome.
+    `options`: a torchvision:/timm: builder's keyword arguments (recorded)."""
     from .manifest import MixingSpec
     from .phases import train_new
     cfg = _config("train", config, epochs, knobs, 10)
     mixing = MixingSpec(templates=templates, sharing=sharing) if mixed else None
     return train_new(arch, _source(data, subset), cfg, Path(output), mixing=mixing,
-                     width=width, norm=norm, resume=resume, progress=progress, force=force)
+                     width=width, norm=norm, resume=resume, progress=progress, force=force,
+                     options=options or {})
 
 
 @checked

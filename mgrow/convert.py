@@ -354,7 +354,8 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
                        norm: str = "every", mixing: MixingSpec | None = MixingSpec(),
                        data: str | None = None, seed: int = 0, spare: str = "random",
                        normalisation: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-                       force: bool = False) -> tuple[Path, Manifest]:
+                       options: dict | None = None, force: bool = False
+                       ) -> tuple[Path, Manifest]:
     """Convert a plain checkpoint file into a bundle; return its path and manifest.
 
     None: classes and input channels as the checkpoint's classifier and stem say, input
@@ -376,7 +377,7 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
                          "name that data set with --data too")
     with writer_lock(output):  # held from the start: a second writer is refused at once
         arch = ArchSpec(name=arch_name, width=width, input_size=input_size or
-                        default_input_size(arch_name), norm=norm)
+                        default_input_size(arch_name), norm=norm, options=options or {})
         skeleton = build(arch, meta=True)
         state, outside = read_model(src, skeleton.state_dict().keys(),
                                     integer_buffers(skeleton))

@@ -136,8 +136,9 @@ def _run_locked(manifest: Manifest, model: nn.Module, data: Data, cfg: TrainConf
 
 def train_new(arch_name: str, source: DataSource, cfg: TrainConfig, output: Path, *,
               mixing: MixingSpec | None = MixingSpec(), width: float = 1.0,
-              norm: str = "every", **run) -> Outcome:
-    """Train a network from scratch (stage base); its classes and input follow the data."""
+              norm: str = "every", options: dict | None = None, **run) -> Outcome:
+    """Train a network from scratch (stage base); its classes and input follow the data;
+    `options`: a builder's keyword arguments (torchvision:/timm: networks)."""
     check_name(arch_name)
     if is_traced(arch_name):  # builders' networks are plain (template-mixed twins: to come)
         mixing = None
@@ -146,7 +147,8 @@ def train_new(arch_name: str, source: DataSource, cfg: TrainConfig, output: Path
     data = source.load()
     d = data.spec
     arch = ArchSpec(name=arch_name, width=width, num_classes=d.num_classes,
-                    in_channels=d.channels, input_size=d.input_size, norm=norm)
+                    in_channels=d.channels, input_size=d.input_size, norm=norm,
+                    options=options or {})
     model = build(arch, mixing, seed=cfg.seed)
     lineage = Lineage(operation="train", options={"seed": cfg.seed, "epochs": cfg.epochs,
                                                   "lr": cfg.lr, "batch_size": cfg.batch_size,

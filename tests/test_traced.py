@@ -171,3 +171,43 @@ def test_zero_growth_of_a_plain_family_net_and_a_fresh_wide_builders_net(tmp_pat
         {k: v.shape for k, v in shapes.state_dict().items()}
     w = fresh.layer1[0].conv1.weight
     assert w.shape == (128, 128, 3, 3) and not torch.equal(w[0::2], w[1::2])
+
+
+def test_builder_options_from_the_command_line(tmp_path, tiny_cifar):
+    """--builder-option KEY=VALUE reaches the builder (a narrower MobileNetV3), is recorded,
+    rebuilds the net from the bundle alone, and converts a checkpoint of that net exactly;
+    a bad pair, an option the builder refuses, or one for a family is one line, nothing
+    written."""
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(num_classes=10, width_mult=0.5).eval()
+    torch.save(net.state_dict(), tmp_path / "narrow.pth")
+    out = tmp_path / "narrow.safetensors"
+    r = run_main("convert", tmp_path / "narrow.pth", "--arch", "torchvision:mobilenet_v3_small",
+                 "--builder-option", "width_mult=0.5", "--input-size", 32, "-o", out)
+    assert r.returncode == 0, r.stderr
+    b = load(out)
+    assert b.manifest.arch.options == {"width_mult": 0.5}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _relative(b.model().eval()(x), net(x)) <= 1e-6
+    trained = tmp_path / "t.safetensors"
+    r = run_main("train", "--arch", "torchvision:mobilenet_v3_small", "--builder-option",
+                 "width_mult=0.5", "--builder-option", "dropout=0.1", "--data",
+                 f"npz:{tiny_cifar}", "--epochs", 1, "--batch-size", 100, "-o", trained)
+    assert r.returncode == 0, r.stderr
+    t = load(trained)
+    assert t.manifest.arch.options == {"width_mult": 0.5, "dropout": 0.1}
+    assert sum(v.numel() for v in t.tensors.values()) < sum(
+        v.numel() for v in torchvision.models.mobilenet_v3_small(num_classes=10).state_dict()
+        .values()) / 2
+    for arch, option, message in [  # (MobileNetV3's builder takes any keyword, unread)
+            ("torchvision:mobilenet_v3_small", "width_mult", "expected KEY=VALUE"),
+            ("torchvision:resnet18", "bogus=1", "refused its options {'bogus': 1}"),
+    ]:
+        r = run_main("train", "--arch", arch, "--builder-option", option, "--data",
+                     f"npz:{tiny_cifar}", "-o", tmp_path / "x.safetensors")
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1
+    r = run_main("train", "--arch", "wrn-10-1", "--builder-option", "a=1", "--data",
+                 f"npz:{tiny_cifar}", "-o", tmp_path / "x.safetensors")
+    assert r.returncode == 2 and "builder options are for torchvision:/timm:" in r.stderr
+    assert not (tmp_path / "x.safetensors").exists()

@@ -16,8 +16,9 @@ import typer
 from .. import limits as L
 from ..errors import MgrowError
 from .app import app
-from .options import (Bundle, DeepInit, Force, Init, Method, Norm, Output, SeedOpt, Sharing,
-                      SharingOpt, Spare, Templates, Tiling, Width, in_range, mixing_spec)
+from .options import (ArchName, BuilderOptions, Bundle, DeepInit, Force, Init, Method, Norm,
+                      Output, SeedOpt, Sharing, SharingOpt, Spare, Templates, Tiling, Width,
+                      builder_options, in_range, mixing_spec)
 
 
 @app.command()
@@ -25,8 +26,7 @@ def convert(
     src: Annotated[Path, typer.Argument(help="Plain checkpoint: .pt/.pth state_dict (or a dict "
                                         "holding one under 'state_dict' or 'model'), or a "
                                         "plain .safetensors.", show_default=False)],
-    arch: Annotated[str, typer.Option("--arch", help="Registry name: wrn-D-K, resnet18, "
-                                      "resnet34, resnet50, vgg11_bn.", show_default=False)],
+    arch: ArchName,
     output: Output,
     num_classes: Annotated[Optional[int], typer.Option(
         "--num-classes", min=1, max=L.MAX_CLASSES,
@@ -67,6 +67,7 @@ def convert(
         "layers with shuffled channels).")] = Spare.random,
     seed: SeedOpt = 0,
     force: Force = False,
+    builder_option: BuilderOptions = None,
 ):
     """Recast a plain PyTorch checkpoint as a template-mixed bundle computing the same function."""
     from ..convert import convert_checkpoint
@@ -75,7 +76,7 @@ def convert(
         input_size=input_size, norm=norm.value, mixing=None if plain else mixing_spec(
             templates, sharing, edge_templates, freeze_edges),
         data=data, seed=seed, spare=spare.value, normalisation=_normalisation(mean, std),
-        output=output, force=force)
+        options=builder_options(builder_option), output=output, force=force)
     print(f"wrote {path} ({manifest.describe()})")
 
 

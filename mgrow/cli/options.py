@@ -70,6 +70,41 @@ Spare = choices("Spare", "random", "permuted")
 DataModes = choices("DataModes", "auto", "memory", "stream")  # mgrow.data.MODES
 StatsModes = choices("StatsModes", "imagenet", "sample")
 Schedules = choices("Schedules", "cosine", "step")  # mgrow.engine.TrainConfig.schedule
+ArchName = Annotated[str, typer.Option(
+    "--arch", help="wrn-D-K, resnet18, resnet34, resnet50, vgg11_bn, or a builder's network: "
+    "torchvision:NAME (any torchvision classifier), timm:NAME (the timm extra).",
+    show_default=False)]
+BuilderOptions = Annotated[Optional[list[str]], typer.Option(
+    "--builder-option", help="KEY=VALUE: a keyword argument of a torchvision:/timm: "
+    "builder, recorded in the manifest (repeat for more); VALUE is read as an integer, a "
+    "number, true/false, or else text. Example: --builder-option drop_path_rate=0.1.",
+    show_default=False)]
+
+
+def builder_options(values: list[str] | None) -> dict[str, str | bool | int | float]:
+    """Return --builder-option KEY=VALUE pairs as a dict, or raise a one-line MgrowError."""
+    out: dict[str, str | bool | int | float] = {}
+    for text in values or []:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise MgrowError(f"--builder-option {text!r}: expected KEY=VALUE with KEY a "
+                             "keyword argument's name")
+        value: str | bool | int | float = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    pass
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MgrowError(f"--builder-option {text!r}: not a finite number")
+        out[key.strip()] = value
+    return out
+
+
 Output = Annotated[Path, typer.Option("--output", "-o", help="Bundle to write (.safetensors).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")]
 Bundle = Annotated[Path, typer.Argument(help="An mgrow bundle (.safetensors).", show_default=False)]

@@ -17,12 +17,13 @@ import typer
 from .. import limits as L
 from ..errors import MgrowError
 from .app import app
-from .options import (Amp, AsJson, BatchSize, Bundle, ChannelsLast, Compile, Data, DataDir,
-                      DataMode, DataModes, Device, Download, Epochs, Force, InputSize, Lr, Norm,
-                      Output, Quiet, RefEpochs, Resume, Schedule, Schedules, SeedOpt, Sharing,
-                      SharingOpt, Smoothing, Stats, StatsModes, Subset, Templates, Warmup,
-                      WeightDecay, Width, Workers, check_positive, data_source, in_range, out,
-                      print_json, progress_mode, train_config)
+from .options import (Amp, ArchName, AsJson, BatchSize, BuilderOptions, Bundle, ChannelsLast,
+                      Compile, Data, DataDir, DataMode, DataModes, Device, Download, Epochs,
+                      Force, InputSize, Lr, Norm, Output, Quiet, RefEpochs, Resume, Schedule,
+                      Schedules, SeedOpt, Sharing, SharingOpt, Smoothing, Stats, StatsModes,
+                      Subset, Templates, Warmup, WeightDecay, Width, Workers, builder_options,
+                      check_positive, data_source, in_range, out, print_json, progress_mode,
+                      train_config)
 
 
 def _report(outcome, as_json: bool) -> None:
@@ -40,8 +41,7 @@ def _report(outcome, as_json: bool) -> None:
 
 @app.command()
 def train(
-    arch: Annotated[str, typer.Option("--arch", help="Registry name: wrn-D-K, resnet18, "
-                                      "resnet34, resnet50, vgg11_bn.", show_default=False)],
+    arch: ArchName,
     output: Output,
     data: Annotated[str, typer.Option("--data", help="Data set (see train-sibling --help); "
                                       "classes and input follow it.")] = "digits",
@@ -61,7 +61,7 @@ def train(
     workers: Workers = None, data_dir: DataDir = None, download: Download = False,
     subset: Subset = None, data_mode: DataMode = DataModes.auto, input_size: InputSize = None,
     stats: Stats = StatsModes.imagenet, resume: Resume = False, quiet: Quiet = False,
-    as_json: AsJson = False, force: Force = False,
+    as_json: AsJson = False, force: Force = False, builder_option: BuilderOptions = None,
 ):
     """Train a network from scratch: a first small net, or the Small/Large baselines."""
     from ..api import train as run
@@ -70,7 +70,8 @@ def train(
     source = data_source(data, data_dir, download, subset, data_mode, workers, input_size, stats)
     outcome = run(arch, output, data=source, config=cfg, width=width, mixed=mixed,
                   norm=norm.value, templates=templates, sharing=sharing.value, resume=resume,
-                  progress=progress_mode(quiet, as_json), force=force)
+                  progress=progress_mode(quiet, as_json), force=force,
+                  options=builder_options(builder_option))
     _report(outcome, as_json)
 
 
