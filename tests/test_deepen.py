@@ -331,8 +331,8 @@ def test_a_builders_network_deepens_and_widens_in_either_order(tmp_path, cifar_b
 
 def test_a_stage_without_an_identity_block_is_refused(tmp_path):
     b = _traced(tmp_path, "torchvision:efficientnet_b0", 32, {})
-    with pytest.raises(MgrowError, match=r"features.7.1: MBConv has no residual branch.*"
-                       "choose another --stage"):
+    with pytest.raises(MgrowError, match=r"features.7: its last block \(MBConv\) changes the "
+                       r"shape \(192, 1, 1\) -> \(320, 1, 1\).*choose another --stage"):
         deepen(b, 1, "last")
     with pytest.raises(MgrowError, match=r"--stage 9: expected 1..7 \(features.1, "):
         deepen(b, 1, 9)
@@ -350,3 +350,14 @@ def test_integer_buffers_load_as_integers_and_only_there(tmp_path):
     save(tmp_path / "bad.safetensors", b.manifest, bad)
     with pytest.raises(MgrowError, match=f"tensor {key} is float32; the network's buffer"):
         load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("name,size", [("torchvision:resnet18", 32), ("wrn-16-2", 32)])
+def test_a_deepening_that_would_not_fit_is_refused_before_it_allocates(tmp_path, monkeypatch,
+                                                                       name, size):
+    b = _traced(tmp_path, name, size, {}) if ":" in name else \
+        _bundle(tmp_path, name, 4.0, "every", PLAIN)
+    monkeypatch.setenv("MGROW_MEMORY_LIMIT", "1G")
+    with pytest.raises(MgrowError, match=r"needs about [\d.]+ GB of memory; "
+                       "MGROW_MEMORY_LIMIT allows 1.0 GB"):
+        deepen(b, 400, "last")

@@ -26,12 +26,11 @@ old layer's coefficients over them are zero); other new layers get banks of thei
 under mixture filled with copies of the templates of the stage's nearest bank of their
 shape (the rest, if larger, fresh).
 
-Owns `deepen`, `INITS`. Imports mgrow.arch, bundle, errors, manifest, mixing.
+Owns `deepen`, `INITS`. Imports mgrow.arch, bundle, errors, footprint, limits, manifest,
+mixing.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 
@@ -39,6 +38,8 @@ from ..arch import block_paths, build, deepened, depths, is_traced, same_blocks
 from ..arch.stages import extend, find_stages, zero_residual
 from ..bundle import Bundle
 from ..errors import MgrowError
+from ..footprint import estimate
+from ..limits import check_memory
 from ..manifest import Manifest
 from ..mixing import MixedLayer, mixed_layers
 
@@ -107,34 +108,45 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
     if init not in ("zero", "copy"):
         raise MgrowError(f"--init {init}: a builder's network is plain and residual; it "
                          "deepens by zero (fresh blocks) or copy")
-    source = bundle.model().eval()
-    model = copy.deepcopy(source)
+    model = bundle.model().eval()
     stages = find_stages(model)
     if not stages:
         raise MgrowError(f"{man.arch.name}: no stage of residual blocks (an nn.Sequential of "
                          "blocks of one class) to deepen")
     chosen = _stages(stage, len(stages), [p for p, _ in stages])
-    seen: dict[int, torch.Tensor] = {}  # each chosen stage's output: what new blocks get
-    hooks = [stages[s][1].register_forward_hook(
-        lambda _m, _i, y, s=s: seen.__setitem__(s, y.detach())) for s in chosen]
-    _check_kept(source, model, man.arch)  # runs the probe through both
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # each chosen stage's last
+    hooks = [stages[s][1][-1].register_forward_hook(  # block's input and output
+        lambda _m, x, y, s=s: seen.__setitem__(s, (x[0].detach(), y.detach())))
+        for s in chosen]
+    want = _logits(model, man.arch)
     for h in hooks:
         h.remove()
+    for s in chosen:
+        x, y = seen[s]
+        if x.shape != y.shape:
+            last = stages[s][1][-1]
+            raise MgrowError(f"{stages[s][0]}: its last block ({type(last).__name__}) changes "
+                             f"the shape {tuple(x.shape[1:])} -> {tuple(y.shape[1:])}, so a "
+                             "copy of it cannot follow it: choose another --stage")
     new = tuple(len(m) + blocks * (s in chosen) for s, (_, m) in enumerate(stages))
+    arch = man.arch.model_copy(update={"depths": new})
+    size = (2, arch.in_channels, arch.input_size, arch.input_size)  # sized first: the deeper
+    need = estimate(build(arch, None, meta=True), size).need(False)  # net beside the bundle
+    check_memory(need + sum(t.numel() * t.element_size() for t in bundle.tensors.values()),
+                 f"deepening {man.describe()} to {'-'.join(map(str, new))} blocks")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         added = extend(model, new, fresh=init == "zero")
     notes = []
     for path in added:
         s = next(k for k, (p, _) in enumerate(stages) if path.startswith(p + "."))
-        ends = zero_residual(model.get_submodule(path), seen[s], path)
+        ends = zero_residual(model.get_submodule(path), seen[s][1], path)
         notes.append(f"{path}: zeroed {', '.join(ends)}")
-    _check_kept(source, model, man.arch)
-    arch = man.arch.model_copy(update={"depths": new})
+    _compare(want, _logits(model, man.arch))
     options = {"blocks": blocks, "stages": [s + 1 for s in chosen], "init": init,
                "seed": seed, "depths": list(new)}
     manifest = man.derived("deepen", options, (bundle.parent(),), arch=arch)
-    return manifest, {k: v.detach().clone() for k, v in model.state_dict().items()}, notes
+    return manifest, {k: v.detach() for k, v in model.state_dict().items()}, notes
 
 
 def _stages(stage: int | str | None, count: int, names: list[str] | None = None) -> list[int]:
@@ -311,12 +323,20 @@ def _orthogonal(refs: list[torch.Tensor], shape: torch.Size, gen: torch.Generato
     return (rest / rest.norm(dim=-1, keepdim=True) * norm.clamp_min(1e-12)).float()
 
 
-def _check_kept(source: torch.nn.Module, model: torch.nn.Module, arch) -> None:
-    """Refuse a deepened net whose logits differ from its source's on a probe batch."""
+def _logits(model: torch.nn.Module, arch) -> torch.Tensor:
+    """Return `model`'s logits on the probe batch (2 seeded normal images)."""
     x = torch.randn(2, arch.in_channels, arch.input_size, arch.input_size,
                     generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b = source(x), model(x)
+        return model(x)
+
+
+def _check_kept(source: torch.nn.Module, model: torch.nn.Module, arch) -> None:
+    """Refuse a deepened net whose logits differ from its source's on a probe batch."""
+    _compare(_logits(source, arch), _logits(model, arch))
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor) -> None:
     err = ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
     if not err <= TOLERANCE:
         raise MgrowError(f"internal: the deepened net's logits moved by {err:.2e} (relative); "
