@@ -119,7 +119,22 @@ def ledger(manifest: Manifest, reference_epochs: float | None = None) -> dict:
         "rows": [{**p.model_dump(), "norm": norm(p.train_flops)} for p in manifest.phases],
         "base_flops": base, "growth_flops": growth, "base_norm": norm(base),
         "growth_norm": norm(growth), "total_norm": norm(base + growth),
+        "growth_steps": growth_steps(manifest),
     }
+
+
+def growth_steps(manifest: Manifest) -> list[str]:
+    """Return how the net was grown, oldest first, from its lineage: each `fuse` (wider)
+    and `deepen` (deeper) step in a phrase ("deepen: blocks per stage -> 2-2-2, mixture")."""
+    steps = []
+    for step in (*manifest.lineage.history, manifest.lineage.model_dump(exclude={"history"})):
+        o = step.get("options", {})
+        if step.get("operation") == "fuse":
+            steps.append(f"fuse: x{o.get('factor', 2)} wider, {o.get('method', 'mixture')}")
+        elif step.get("operation") == "deepen":
+            depths = "-".join(map(str, o.get("depths", [])))
+            steps.append(f"deepen: blocks per stage -> {depths}, {o.get('init')}")
+    return steps
 
 
 def epochs_for_budget(manifest: Manifest, budget: float,

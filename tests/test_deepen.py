@@ -213,6 +213,8 @@ def test_cli_deepen_writes_refuses_and_cka_pairs_blocks(tmp_path, digits_200):
     assert not (tmp_path / "x.safetensors").exists()
     r = run_main("info", out)
     assert "deepen: blocks 1, stages [1, 2, 3], init mixture" in r.stdout
+    r = run_main("flops", out)  # the depth history under the ledger
+    assert "grown by: deepen: blocks per stage -> 2-2-2, mixture" in r.stdout
     r = run_main("cka", small, out, "--images", "64", "--json")
     res = json.loads(r.stdout)
     assert res["renamed"] == {"blocks.1": "blocks.2", "blocks.2": "blocks.4"}

@@ -71,6 +71,8 @@ def _print_ledger(led: dict) -> None:
     out.print(ledger)
     out.print(f"base (the starting checkpoint): {_x(led['base_norm'])}   growth: "
               f"{_x(led['growth_norm'])}   total: {_x(led['total_norm'])}")
+    if led.get("growth_steps"):
+        out.print("grown by: " + "; then ".join(led["growth_steps"]), soft_wrap=True)
 
 
 def _x(v: float | None) -> str:
