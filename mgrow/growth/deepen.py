@@ -116,13 +116,16 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
     chosen = _stages(stage, len(stages), [p for p, _ in stages])
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # each chosen stage's last
     hooks = [stages[s][1][-1].register_forward_hook(  # block's input and output
-        lambda _m, x, y, s=s: seen.__setitem__(s, (x[0].detach(), y.detach())))
+        lambda _m, x, y, s=s: seen.__setitem__(s, (x[0] if len(x) == 1 else None, y)))
         for s in chosen]
     want = _logits(model, man.arch)
     for h in hooks:
         h.remove()
     for s in chosen:
-        x, y = seen[s]
+        x, y = seen.get(s, (None, None))
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise MgrowError(f"{stages[s][0]}: its blocks do not take and give one tensor "
+                             "(or the probe did not reach them); cannot deepen it")
         if x.shape != y.shape:
             last = stages[s][1][-1]
             raise MgrowError(f"{stages[s][0]}: its last block ({type(last).__name__}) changes "
