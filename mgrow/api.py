@@ -150,7 +150,7 @@ Init = Literal[tuple(INITS)]  # type: ignore[valid-type]  # the growth layer's o
 Method = Literal[NAMES]  # type: ignore[valid-type]
 DeepInit = Literal[tuple(DEEPEN_INITS)]  # type: ignore[valid-type]
 Blocks = Annotated[int, Field(ge=1, le=L.MAX_DEPTH)]
-Stage = Annotated[int, Field(ge=1, le=8)] | Literal["all", "last"]
+Stage = Annotated[int, Field(ge=1, le=L.MAX_DEPTH)] | Literal["all", "last"]
 Options = dict[str, str | bool | int | float]  # a builder's keyword arguments
 # the command line's upper bounds of the knobs, which TrainConfig leaves open
 _KNOB_MAX = {"epochs": L.MAX_EPOCHS, "lr": L.MAX_LR, "batch_size": L.MAX_BATCH, "seed": L.MAX_SEED,

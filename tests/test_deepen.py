@@ -211,6 +211,10 @@ def test_cli_deepen_writes_refuses_and_cka_pairs_blocks(tmp_path, digits_200):
     r = run_main("deepen", small, "--init", "copy", "-o", tmp_path / "x.safetensors")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--init copy" in r.stderr
     assert not (tmp_path / "x.safetensors").exists()
+    for stage, message in (("0", "'0': expected a stage number (1, 2, ...), last or all"),
+                           ("9", "--stage 9: expected 1..3, last or all")):
+        r = run_main("deepen", small, "--stage", stage, "-o", tmp_path / "x.safetensors")
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1
     r = run_main("info", out)
     assert "deepen: blocks 1, stages [1, 2, 3], init mixture" in r.stdout
     r = run_main("flops", out)  # the depth history under the ledger

@@ -194,14 +194,22 @@ def fuse(
           else ")"))
 
 
+def _stage(value: str) -> str:
+    """Check --stage: a stage number from 1, last or all."""
+    value = value.strip()
+    if not (value in ("last", "all") or value.isdigit() and int(value) >= 1):
+        raise typer.BadParameter(f"{value!r}: expected a stage number (1, 2, ...), last or all")
+    return value
+
+
 @app.command()
 def deepen(
     bundle: Bundle,
     blocks: Annotated[int, typer.Option(
         "--blocks", min=1, max=L.MAX_DEPTH, help="New residual blocks per chosen stage.")] = 1,
     stage: Annotated[str, typer.Option(
-        "--stage", help="The stage that gets them: 1 (the first) .. the last, last, or all "
-        "(every stage).")] = "last",
+        "--stage", callback=_stage, help="The stage that gets them: 1 (the first) .. the "
+        "last, last, or all (every stage).")] = "last",
     init: Annotated[Optional[DeepInit], typer.Option(
         "--init", help="New blocks: zero (fresh, the residual output zeroed), copy (the "
         "stage's last block copied, its residual output zeroed; plain nets), mixture "
@@ -219,8 +227,7 @@ def deepen(
     (the logits are unchanged: each new block starts as the identity). No data is read."""
     from ..api import deepen as run
     from ..bundle import load
-    stage_arg: int | str = int(stage) if stage.strip().isdigit() else stage.strip()
-    path = run(bundle, output, blocks=blocks, stage=stage_arg,
+    path = run(bundle, output, blocks=blocks, stage=int(stage) if stage.isdigit() else stage,
                init=None if init is None else init.value, seed=seed, force=force)
     man = load(path).manifest
     print(f"wrote {path} ({man.describe()}, init {man.lineage.options['init']}, blocks per "
