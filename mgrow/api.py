@@ -337,6 +337,7 @@ def info(bundle: BundleIn, reference_epochs: RefEpochs | None = None) -> dict:
     its `status` says `missing`, `changed` or `unreadable` (with the one-line `reason`:
     not a bundle, such as the .pth a converted bundle came from, or truncated).
     """
+    from .arch import stages
     path = _path(bundle)
     b = load(path)
     man = b.manifest
@@ -346,6 +347,7 @@ def info(bundle: BundleIn, reference_epochs: RefEpochs | None = None) -> dict:
         "arch": man.arch.model_dump(), "mixing": None if man.mixing is None
         else man.mixing.model_dump(), "data": None if man.data is None else man.data.model_dump(),
         "growth": None if man.growth is None else man.growth.model_dump(),
+        "stages": [{"where": w, "blocks": n} for w, n in stages(man.arch)],
         "lineage": walk(man.lineage, path.parent),
         "params": param_counts(b.tensors, man.arch, man.mixing),
         "ledger": ledger(man, reference_epochs),

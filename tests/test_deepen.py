@@ -217,6 +217,8 @@ def test_cli_deepen_writes_refuses_and_cka_pairs_blocks(tmp_path, digits_200):
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1
     r = run_main("info", out)
     assert "deepen: blocks 1, stages [1, 2, 3], init mixture" in r.stdout
+    assert "stages (deepen --stage N): 1 blocks.0..blocks.1 (2 blocks), 2 blocks.2..blocks.3 " \
+        "(2 blocks), 3 blocks.4..blocks.5 (2 blocks)" in r.stdout
     r = run_main("flops", out)  # the depth history under the ledger
     assert "grown by: deepen: blocks per stage -> 2-2-2, mixture" in r.stdout
     r = run_main("cka", small, out, "--images", "64", "--json")
@@ -337,6 +339,10 @@ def test_a_builders_network_deepens_and_widens_in_either_order(tmp_path, cifar_b
 
 def test_a_stage_without_an_identity_block_is_refused(tmp_path):
     b = _traced(tmp_path, "torchvision:efficientnet_b0", 32, {})
+    import mgrow
+    assert [(s["where"], s["blocks"]) for s in mgrow.info(b.path)["stages"]] == [
+        ("features.1", 1), ("features.2", 2), ("features.3", 2), ("features.4", 3),
+        ("features.5", 3), ("features.6", 4), ("features.7", 1)]
     with pytest.raises(MgrowError, match=r"features.7: its last block \(MBConv\) changes the "
                        r"shape \(192, 1, 1\) -> \(320, 1, 1\).*choose another --stage"):
         deepen(b, 1, "last")

@@ -7,10 +7,11 @@ multiplies every channel count, so growing by g is `spec.widened(g)`; `ArchSpec.
 sets the blocks of each stage of a WRN, ResNet or VGG (deepening: `deepened`, `units`).
 
 Owns `build`, `check_name` and the stages of the families (`depths`, `deepened`, `units`,
-`block_paths`, `same_blocks`); the families (wrn, resnet, vgg) build through mgrow.mixing's
-Builder and scale channels by arch.scale; builders' networks come from arch.zoo (grown by
-arch.widen). Imports mgrow.errors, limits, manifest, mixing and footprint (every network
-is sized on the meta device before it is built).
+`block_paths`, `same_blocks`, `stages`); the families (wrn, resnet, vgg) build through
+mgrow.mixing's Builder and scale channels by arch.scale; builders' networks come from
+arch.zoo (grown by arch.widen, deepened by arch.stages). Imports mgrow.errors, limits,
+manifest, mixing and footprint (every network is sized on the meta device before it is
+built).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .wrn import wrn
 from .zoo import build_traced, check_traced, is_traced
 
 __all__ = ["NAMES", "block_paths", "build", "channels", "check_name", "deepened", "depths",
-           "is_traced", "same_blocks", "units"]
+           "is_traced", "same_blocks", "stages", "units"]
 
 _RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
             "resnet50": ("bottleneck", (3, 4, 6, 3))}
@@ -122,6 +123,19 @@ def same_blocks(a: ArchSpec, b: ArchSpec) -> dict[str, str]:
         return {}
     return {x: y for sa, sb in zip(ua, ub) for xa, xb in zip(sa, sb) for x, y in zip(xa, xb)
             if x != y}
+
+
+def stages(arch: ArchSpec) -> list[tuple[str, int]]:
+    """Return the stages `mgrow deepen --stage N` counts, in order: (where, blocks); [] for
+    a network without any (a builder's net is built on the meta device to find them)."""
+    if is_traced(arch.name):
+        from .stages import find_stages
+        return [(path, len(m)) for path, m in find_stages(build(arch, meta=True))]
+    try:
+        return [(f"{paths[0]}..{paths[-1]}" if len(paths) > 1 else paths[0], len(paths))
+                for paths in block_paths(arch)]
+    except MgrowError:
+        return []
 
 
 def check_name(name: str) -> str:

@@ -98,6 +98,10 @@ def info(
         if res[key] is not None:
             out.print(f"  {key}: " + ", ".join(f"{k} {v}" for k, v in res[key].items()),
                       soft_wrap=True, highlight=False)
+    if res["stages"]:
+        out.print("  stages (deepen --stage N): " + ", ".join(
+            f"{i} {s['where']} ({s['blocks']} blocks)" for i, s in enumerate(res["stages"], 1)),
+                  soft_wrap=True, highlight=False)
     from rich.tree import Tree
     tree = Tree(f"lineage of {res['bundle']}", highlight=False)
     _lineage_tree(tree, res["lineage"])
