@@ -42,9 +42,10 @@ class Bundle:
 
     def model(self) -> nn.Module:
         """Return the network this bundle describes, with its tensors loaded."""
-        model = skeleton(self.manifest, self.path)
-        check_tensors(model, self.tensors, self.path)
-        model = model.to_empty(device="cpu")
+        from .arch import empty
+        shapes = skeleton(self.manifest, self.path)
+        check_tensors(shapes, self.tensors, self.path)
+        model = empty(self.manifest.arch, self.manifest.mixing, shapes)
         model.load_state_dict(self.tensors, strict=True)
         return model
 
@@ -312,7 +313,7 @@ def export_program(path: str | os.PathLike, output: str | os.PathLike,
     manifest's input size (both fixed in the program)."""
     import io
 
-    from .arch import build
+    from .arch import empty
     from .mixing import plain_state_dict
     check_writable(output, force)
     with writer_lock(output):
@@ -321,7 +322,7 @@ def export_program(path: str | os.PathLike, output: str | os.PathLike,
         model = bundle.model()
         if bundle.manifest.mixing is not None:
             state = plain_state_dict(model)
-            model = build(arch, None, meta=True).to_empty(device="cpu")
+            model = empty(arch)
             model.load_state_dict(state, strict=True)
         x = torch.zeros(1, arch.in_channels, arch.input_size, arch.input_size)
         try:

@@ -211,3 +211,28 @@ def test_builder_options_from_the_command_line(tmp_path, tiny_cifar):
                  f"npz:{tiny_cifar}", "-o", tmp_path / "x.safetensors")
     assert r.returncode == 2 and "builder options are for torchvision:/timm:" in r.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_buffers_a_state_dict_does_not_hold_are_the_builders_own(tmp_path):
+    """timm's Swin keeps its relative position index and attention mask out of the
+    state_dict (non-persistent buffers): a bundle rebuilds them by construction, where
+    uninitialised storage (`to_empty`) made garbage indices and crashed or, for a float
+    mask, computed silently wrong logits."""
+    from mgrow.arch import build
+    from mgrow.bundle import save_model
+    from mgrow.manifest import ArchSpec, Lineage, Manifest
+    arch = ArchSpec(name="timm:swin_tiny_patch4_window7_224", input_size=64,
+                    options={"img_size": 64, "window_size": 4})
+    net = build(arch, seed=0).eval()
+    held = net.state_dict()
+    assert any(name not in held for name, _ in net.named_buffers())
+    path = save_model(tmp_path / "swin.safetensors", Manifest(
+        arch=arch, lineage=Lineage(operation="init")), net)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(load(path).model().eval()(x), net(x))
+    r = run_main("export", path, "-o", tmp_path / "swin.pt2")  # the program too
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        assert torch.allclose(torch.export.load(tmp_path / "swin.pt2").module()(x[:1]),
+                              net(x[:1]), atol=1e-5)

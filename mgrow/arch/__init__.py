@@ -6,7 +6,7 @@ network, `torchvision:NAME` or `timm:NAME` (arch.zoo, plain only). `ArchSpec.wid
 multiplies every channel count, so growing by g is `spec.widened(g)`; `ArchSpec.depths`
 sets the blocks of each stage of a WRN, ResNet or VGG (deepening: `deepened`, `units`).
 
-Owns `build`, `check_name` and the stages of the families (`depths`, `deepened`, `units`,
+Owns `build`, `empty`, `check_name` and the stages of the families (`depths`, `deepened`, `units`,
 `block_paths`, `same_blocks`, `stages`); the families (wrn, resnet, vgg) build through
 mgrow.mixing's Builder and scale channels by arch.scale; builders' networks come from
 arch.zoo (grown by arch.widen, deepened by arch.stages). Imports mgrow.errors, limits,
@@ -35,7 +35,7 @@ from .wrn import wrn
 from .zoo import build_traced, check_traced, is_traced
 
 __all__ = ["NAMES", "block_paths", "build", "channels", "check_name", "deepened", "depths",
-           "is_traced", "same_blocks", "stages", "units"]
+           "empty", "is_traced", "same_blocks", "stages", "units"]
 
 _RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
             "resnet50": ("bottleneck", (3, 4, 6, 3))}
@@ -182,6 +182,20 @@ def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,
         raise MgrowError(f"{what}: {e}") from None
     check_memory(need, what)
     return shapes if meta else _construct(arch, mixing, seed, meta=False)
+
+
+def empty(arch: ArchSpec, mixing: MixingSpec | None = None,
+          shapes: nn.Module | None = None) -> nn.Module:
+    """Return the network on the CPU, ready for a state_dict: parameters and persistent
+    buffers uninitialised, and the buffers a state_dict does not hold (non-persistent: timm's
+    Swin and BEiT relative position index) the builder's own values, so the network is
+    built for real where it has any (`to_empty` would leave them garbage). `shapes`: the
+    meta network, if already built."""
+    shapes = build(arch, mixing, meta=True) if shapes is None else shapes
+    kept = shapes.state_dict()
+    if all(name in kept for name, _ in shapes.named_buffers()):
+        return shapes.to_empty(device="cpu")
+    return build(arch, mixing)
 
 
 def _construct(arch: ArchSpec, mixing: MixingSpec | None, seed: int, meta: bool) -> nn.Module:

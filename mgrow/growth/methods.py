@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from .. import limits as L
-from ..arch import build, is_traced
+from ..arch import build, empty, is_traced
 from ..bundle import Bundle, check_tensors
 from ..data import Data
 from ..errors import MgrowError
@@ -180,7 +180,7 @@ def _bn_corrected(arch: ArchSpec, mixing: MixingSpec | None, tensors: dict[str, 
     """Return `tensors` with the BN running statistics corrected (growth.norms, data-free),
     each channel block against the member block its statistics were carried from (`srcs`:
     the map the method that built the grid used)."""
-    model = build(arch, mixing, meta=True).to_empty(device="cpu")
+    model = empty(arch, mixing)
     model.load_state_dict(tensors, strict=True)
     correct_norms(model, [b.model() for b in members],
                   (arch.in_channels, arch.input_size, arch.input_size), gen, sources=srcs)
