@@ -302,7 +302,7 @@ def _traced(tmp_path, name, size, options):
                 m.weight.normal_(0, 0.05)
     from mgrow.bundle import save_model
     from mgrow.manifest import Lineage, Manifest
-    path = tmp_path / "traced.safetensors"
+    path = tmp_path / f"{name.replace(':', '-')}.safetensors"
     return load(save_model(path, Manifest(arch=arch, lineage=Lineage(operation="init")), model))
 
 
@@ -350,6 +350,11 @@ def test_a_stage_without_an_identity_block_is_refused(tmp_path):
         deepen(b, 1, 9)
     with pytest.raises(MgrowError, match="deepens by zero .* or copy"):
         deepen(b, 1, 4, "mixture")
+    # RepVGG's third branch is a BN of the input, not the input: no block to start at zero
+    b = _traced(tmp_path, "timm:repvgg_a0", 32, {})
+    with pytest.raises(MgrowError, match=r"stages.2.14: RepVggBlock has no residual branch "
+                       r"ending in a weighted layer beside an identity shortcut"):
+        deepen(b, 1, 3, "copy")
 
 
 def test_integer_buffers_load_as_integers_and_only_there(tmp_path):

@@ -116,8 +116,8 @@ def zero_residual(block: nn.Module, x: torch.Tensor, where: str) -> list[str]:
                 stream.add(n)
     if not ends or None in ends:
         raise MgrowError(f"{where}: {type(block).__name__} has no residual branch ending in "
-                         "a weighted layer, so a copy would not start as the identity (a "
-                         "block that changes the shape has none): choose another --stage")
+                         "a weighted layer beside an identity shortcut, so a copy would not "
+                         "start as the identity (mgrow deepens blocks computing x + f(x))")
     params = dict(block.named_parameters())
     with torch.no_grad():
         for end in ends:
