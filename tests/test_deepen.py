@@ -313,6 +313,7 @@ def test_builders_networks_grow_deeper_keeping_the_function(tmp_path, name, size
     b = _traced(tmp_path, name, size, options)
     man, tensors, notes = deepen(b, 1, stage, init, seed=1)
     assert man.arch.depths is not None and len(notes) >= 1
+    assert man.lineage.options["notes"] == notes  # what was zeroed, kept
     new = load(save(tmp_path / "deep.safetensors", man, tensors))  # rebuilt from its manifest
     assert len(new.tensors) > len(b.tensors)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))

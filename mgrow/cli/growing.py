@@ -230,5 +230,11 @@ def deepen(
     path = run(bundle, output, blocks=blocks, stage=int(stage) if stage.isdigit() else stage,
                init=None if init is None else init.value, seed=seed, force=force)
     man = load(path).manifest
+    notes = man.lineage.options["notes"]
+    for note in notes[:3]:
+        print(f"note: {note}", file=sys.stderr)
+    if len(notes) > 3:
+        print(f"note: (+{len(notes) - 3} more in the manifest's lineage options)",
+              file=sys.stderr)
     print(f"wrote {path} ({man.describe()}, init {man.lineage.options['init']}, blocks per "
           f"stage {'-'.join(map(str, man.lineage.options['depths']))})")

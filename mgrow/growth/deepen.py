@@ -45,6 +45,7 @@ from ..mixing import MixedLayer, mixed_layers
 
 INITS = ("zero", "copy", "mixture", "identity")
 TOLERANCE = 1e-5  # logits' relative error a deepened net may show (residual nets: 0)
+MAX_NOTES = 32  # of what was zeroed (or could not be orthogonal), kept in the lineage
 
 
 def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
@@ -96,7 +97,7 @@ def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
         model.load_state_dict(state)
     _check_kept(source, model, arch)
     options = {"blocks": blocks, "stages": [s + 1 for s in stages], "init": init,
-               "seed": seed, "depths": list(depths(arch))}
+               "seed": seed, "depths": list(depths(arch)), "notes": notes[:MAX_NOTES]}
     manifest = man.derived("deepen", options, (bundle.parent(),), arch=arch)
     return manifest, {k: v.detach().clone() for k, v in model.state_dict().items()}, notes
 
@@ -147,7 +148,7 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
         notes.append(f"{path}: zeroed {', '.join(ends)}")
     _compare(want, _logits(model, man.arch))
     options = {"blocks": blocks, "stages": [s + 1 for s in chosen], "init": init,
-               "seed": seed, "depths": list(new)}
+               "seed": seed, "depths": list(new), "notes": notes[:MAX_NOTES]}
     manifest = man.derived("deepen", options, (bundle.parent(),), arch=arch)
     return manifest, {k: v.detach() for k, v in model.state_dict().items()}, notes
 
