@@ -182,18 +182,21 @@ def _carry(source: torch.nn.Module, model: torch.nn.Module, state: dict[str, tor
     bank that gained new layers' templates keeps the old ones first; the old layers'
     coefficients over the new templates are zero."""
     old_mixed, new_mixed = mixed_layers(source), mixed_layers(model)
+
+    def repaired(name: str) -> MgrowError:
+        return MgrowError(f"{name}: the new blocks would change which layers share a "
+                          "template bank (a bank pairs two consecutive layers of one shape "
+                          "across the stage's end); deepen another stage, or the plain net")
     banks: dict[int, int] = {}  # new bank -> the old bank it extends
     for name, layer in old_mixed.items():
         new = new_mixed[_renamed(name, rename)]
         if banks.setdefault(new.bank_index, layer.bank_index) != layer.bank_index:
-            banks[-1] = layer.bank_index  # two old banks in one new one: refused below
-    for new_index, old_index in banks.items():
+            raise repaired(name)  # two old banks in one new one
+    for new_index, old_index in banks.items():  # an old bank split, or not leading its new one
         olds = [k for k, v in old_mixed.items() if v.bank_index == old_index]
         news = [k for k, v in new_mixed.items() if v.bank_index == new_index]
-        if new_index < 0 or [_renamed(k, rename) for k in olds] != news[:len(olds)]:
-            raise MgrowError(f"{olds[-1]}: the new blocks would change which layers share a "
-                             "template bank (a bank pairs two consecutive layers of one shape "
-                             "across the stage's end); deepen another stage, or the plain net")
+        if [_renamed(k, rename) for k in olds] != news[:len(olds)]:
+            raise repaired(olds[-1])
     new_of = {old: new for new, old in banks.items()}
     for key, value in source.state_dict().items():
         owner, _, leaf = key.rpartition(".")
@@ -219,7 +222,7 @@ def _identity(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str)
     head, _, i = path.rpartition(".")
     bn = model.get_submodule(f"{head}.{int(i) + 1}")
     if isinstance(conv, MixedLayer):  # the identity tile as one of its own templates
-        o, c, k, _ = conv.tile_shape
+        o, _, k, _ = conv.tile_shape
         peers = [n for n, v in mixed_layers(model).items() if v.bank_index == conv.bank_index]
         t = state[f"{path}.alpha"].shape[-1] // len(peers)  # templates each layer brings
         slot = peers.index(path) * t
