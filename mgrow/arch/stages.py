@@ -118,12 +118,15 @@ def zero_residual(block: nn.Module, x: torch.Tensor, where: str) -> list[str]:
         raise MgrowError(f"{where}: {type(block).__name__} has no residual branch ending in "
                          "a weighted layer beside an identity shortcut, so a copy would not "
                          "start as the identity (mgrow deepens blocks computing x + f(x))")
-    params = dict(block.named_parameters())
+    params, modules = dict(block.named_parameters()), dict(block.named_modules())
     with torch.no_grad():
-        for end in ends:
-            for name in ([end] if end in params else
-                         [f"{end}.{k}" for k, _ in block.get_submodule(end).named_parameters(
-                             recurse=False)]):
+        for end in ends:  # a parameter (a layer scale), or a layer's own weights
+            names = [end] if end in params else [f"{end}.{k}" for k, _ in modules[
+                end].named_parameters(recurse=False)] if end in modules else []
+            if not names:  # a buffer, say: nothing trainable to start at zero
+                raise MgrowError(f"{where}: {type(block).__name__}'s residual branch ends in "
+                                 f"{end}, which holds no weights to zero; refused")
+            for name in names:
                 params[name].zero_()
         y = block(x)
     if y.shape != x.shape or not torch.allclose(y, x, rtol=1e-6, atol=1e-6 * x.abs().max()):
