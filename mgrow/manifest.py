@@ -43,7 +43,8 @@ class ArchSpec(_Strict):
     norm: Literal["every", "block"] = "every"  # WRN only: BN before every conv or per block
     options: dict[Annotated[str, Field(max_length=64)], Option] = Field({}, max_length=32)
     # blocks per stage where `mgrow deepen` made them differ from the name's (WRN: 3 stages,
-    # ResNet: 4); None: the name's own
+    # ResNet: 4, VGG: 5; a builder's network: the stages mgrow.arch.stages finds); None: the
+    # name's own
     depths: tuple[Annotated[int, Field(ge=1, le=L.MAX_DEPTH)], ...] | None = Field(
         None, min_length=1, max_length=8)
 

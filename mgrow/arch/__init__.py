@@ -60,8 +60,8 @@ def depths(arch: ArchSpec) -> tuple[int, ...]:
     elif arch.name == "vgg11_bn":
         own = VGG_DEPTHS
     else:
-        raise MgrowError(f"{arch.name}: a builder's network; depth is an option of mgrow's "
-                         "own families (wrn-D-K, resnet18/34/50, vgg11_bn) so far")
+        raise MgrowError(f"{arch.name}: a builder's network, whose stages are found by "
+                         "looking (mgrow.arch.stages), not known by name")
     if arch.depths is None:
         return own
     if len(arch.depths) != len(own):  # 2 layers a WRN block, 3 a bottleneck, 1 a VGG one
