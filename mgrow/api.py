@@ -43,8 +43,8 @@ from .engine import Progress, TrainConfig
 from .errors import MgrowError
 from .files import check_writable, write_atomic
 from .flops import ledger, param_counts
-from .history import walk
 from .growth import DEEPEN_INITS, INITS, NAMES
+from .history import walk
 from .phases import Outcome, grown_output
 from .similarity import CkaResult
 
@@ -284,10 +284,10 @@ def deepen(bundle: BundleIn, output: MaybePathOut = None, *, blocks: Blocks = 1,
            stage: Stage = "last", init: DeepInit | None = None, seed: Seed = 0,
            force: bool = False) -> Path:
     """Insert `blocks` new blocks at the end of stage `stage` (1-based, "last" or "all") of
-    a WRN, ResNet or VGG bundle, keeping its function (`mgrow deepen`); return the path.
-    `init`: zero, copy (plain residual nets), mixture (template-mixed ones; their default;
-    zero for plain ones) or identity (VGG's one). The default output is
-    BUNDLE-deep.safetensors next to it."""
+    a WRN, ResNet, VGG or a builder's residual network, keeping its function (`mgrow
+    deepen`); return the path. `init`: zero, copy (plain residual nets), mixture
+    (template-mixed ones; their default; zero for plain ones) or identity (VGG's one). The
+    default output is BUNDLE-deep.safetensors next to it."""
     from .phases import deepen_files
     return deepen_files(_path(bundle), output, force=force, blocks=blocks, stage=stage,
                         init=init, seed=seed)[0]

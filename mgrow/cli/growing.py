@@ -223,8 +223,9 @@ def deepen(
     seed: SeedOpt = 0,
     force: Force = False,
 ):
-    """Insert blocks at the end of a stage of a WRN, ResNet or VGG, keeping its function
-    (the logits are unchanged: each new block starts as the identity). No data is read."""
+    """Insert blocks at the end of a stage of a WRN, ResNet, VGG or a builder's residual
+    network, keeping its function (each new block starts as the identity). No data is
+    read; `mgrow info` lists the stages."""
     from ..api import deepen as run
     from ..bundle import load
     path = run(bundle, output, blocks=blocks, stage=int(stage) if stage.isdigit() else stage,
