@@ -48,10 +48,7 @@ from .bundle import COUNTER, check_tensors, conform, header, integer_buffers, lo
 from .errors import MgrowError
 from .files import read_bytes
 from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Parent
-from .mixing import mixed_layers, random_orthogonal
-
-CHUNK_BYTES = 64 << 20  # float64 working set of convert_state per slice
-
+from .mixing import SPARES, decompose
 
 def read_checkpoint(path: str | Path, expected: Collection[str] | None = None
                     ) -> dict[str, torch.Tensor]:
@@ -291,29 +288,12 @@ def _check_classes(plain: nn.Module, state: dict[str, torch.Tensor], src: object
         raise MgrowError(f"{src}: checkpoint has {have} classes but --num-classes is {want}")
 
 
-SPARES = ("random", "permuted")
-
-
-def _spare(ws: list[torch.Tensor], j: int, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """Return spare tensor j of a bank group with weights `ws` (see the module docstring)."""
-    w = ws[j % len(ws)]
-    if kind == "permuted":
-        rows = torch.randperm(w.shape[0], generator=gen)
-        cols = torch.randperm(w.shape[1], generator=gen)
-        return w[rows][:, cols]
-    scale = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64) for x in ws]).mean()
-    r = torch.randn(w.shape, dtype=torch.float64, generator=gen)
-    return r * (scale / r.norm().clamp_min(1e-30))
-
-
 def convert_state(state: dict[str, torch.Tensor], arch: ArchSpec, mixing: MixingSpec,
                   seed: int = 0, src: object = "checkpoint", spare: str = "random"
                   ) -> dict[str, torch.Tensor]:
-    """Return the template-mixed tensors (same function) of a plain state_dict.
-
-    Memory: the result, the spare tensors and float64 slices of about CHUNK_BYTES; never
-    a float64 copy of a whole group (a vgg11_bn classifier bank is 0.8 GB in float32).
-    """
+    """Return the template-mixed tensors (same function) of a plain state_dict (see
+    mgrow.mixing.decompose; never a float64 copy of a whole group: a vgg11_bn classifier
+    bank is 0.8 GB in float32)."""
     if mixing.factor != 1 or mixing.members != 1:
         raise MgrowError("convert makes an ungrown network: factor and members must be 1")
     if spare not in SPARES:
@@ -322,30 +302,10 @@ def convert_state(state: dict[str, torch.Tensor], arch: ArchSpec, mixing: Mixing
     _check_classes(plain, state, src)
     check_tensors(plain, state, src)
     mixed = build(arch, mixing, meta=True)  # shapes only: every tensor is computed below
-    layers = mixed_layers(mixed)
-    out = {k: state[k].detach().to(v.dtype, copy=True) for k, v in mixed.state_dict().items()
-           if k in state}
-    groups: dict[int, list[str]] = {}
-    for name, layer in layers.items():
-        groups.setdefault(layer.bank_index, []).append(name)
-    gen = torch.Generator().manual_seed(seed)
-    for n, bank in enumerate(mixed.banks):
-        names = groups[n]
-        t = bank.shape[1]
-        if t < len(names):
-            raise MgrowError(f"{t} templates cannot represent {len(names)} layers exactly")
-        ws = [state[f"{name}.weight"] for name in names]
-        spares = [_spare(ws, j, spare, gen) for j in range(t - len(ws))]
-        q = torch.eye(1, dtype=torch.float64) if t == 1 else random_orthogonal(t, gen)
-        rows = max(1, CHUNK_BYTES // max(1, 8 * t * ws[0][0].numel()))
-        templates = torch.empty(1, t, *ws[0].shape)  # (m=1, t, o, i, *k) float32
-        for lo in range(0, ws[0].shape[0], rows):  # output channels, a slice at a time
-            x = torch.stack([w[lo:lo + rows].double() for w in ws + spares])  # (t, rows, ...)
-            templates[0, :, lo:lo + rows] = torch.einsum("jk,j...->k...", q, x)  # Q^T X
-        out[f"banks.{n}"] = templates
-        for row, name in enumerate(names):
-            out[f"{name}.alpha"] = q[row].float().view(1, 1, t)  # (g_out, g_in, t)
-    return out
+    try:
+        return decompose(mixed, state, torch.Generator().manual_seed(seed), spare)
+    except ValueError as e:
+        raise MgrowError(str(e)) from None
 
 
 def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
@@ -365,13 +325,11 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     normalises with what the bundle records). Keys outside the model (model_state) are
     named in one `note:` line on stderr once the bundle is written.
     """
-    from .arch import check_name, is_traced
+    from .arch import check_name
     from .bundle import save
     from .files import check_writable, sha256_file, writer_lock
     check_name(arch_name)
     check_writable(output, force)
-    if is_traced(arch_name):  # builders' networks are plain (template-mixed twins: to come)
-        mixing = None
     if normalisation is not None and data is None:
         raise MgrowError("--mean/--std say how the checkpoint's data was normalised: "
                          "name that data set with --data too")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import MgrowError
-from .mixing import MixedLayer
+from .mixing import Banked
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def estimate(model: nn.Module, shape: tuple[int, ...] | None, train: bool = Fals
     state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     trainable = sum(p.numel() * size for p in model.parameters() if p.requires_grad)
     generated = sum(math.prod(m.tile_shape) * m.grid[0] * m.grid[1] * size
-                    for m in model.modules() if isinstance(m, MixedLayer))
+                    for m in model.modules() if isinstance(m, Banked))
     acts = 0
     if shape is not None:
         def count(mod: nn.Module, inp: Any, out: Any) -> None:

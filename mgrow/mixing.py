@@ -21,8 +21,11 @@ bank by index in that list, so each tensor is registered (and saved, and synchro
 DDP) exactly once, and `to_empty`, `load_state_dict(assign=True)` and the like never leave
 a layer holding a stale tensor.
 
-Owns `MixedLayer` (`MixedConv2d`, `MixedLinear`), `Builder`, `plain_state_dict`. Imports
-mgrow.manifest only.
+Builders' networks (torchvision:, timm:) keep their own modules: a `Twin` layer's class is
+swapped for one whose weight is generated the same way (arch.twins makes them).
+
+Owns `MixedLayer` (`MixedConv2d`, `MixedLinear`), `Twin`, `Builder`, `plain_state_dict`,
+`decompose` (a plain state as templates and coefficients). Imports mgrow.manifest only.
 """
 
 from __future__ import annotations
@@ -108,19 +111,13 @@ class _Mix(torch.autograd.Function):
         return d_alpha, d_bank, None
 
 
-class MixedLayer(nn.Module):
-    """Shared machinery of template-mixed conv and linear layers."""
+class Banked:
+    """A layer whose weight is mixed from one of the model's banks by its coefficients."""
 
-    def __init__(self, in_features: int, out_features: int, kernel: tuple[int, ...],
-                 grid: tuple[int, int], axis: str, role: Role, bias: bool) -> None:
-        super().__init__()
-        g_out, g_in = grid
-        if out_features % g_out or in_features % g_in:
-            raise ValueError(f"a {out_features}x{in_features} layer does not split into a "
-                             f"{g_out}x{g_in} grid of tiles")
-        self.grid, self.axis, self.role = grid, axis, role
-        self.tile_shape = (out_features // g_out, in_features // g_in, *kernel)  # (o, i, *k)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+    grid: tuple[int, int]
+    axis: str
+    role: Role
+    tile_shape: tuple[int, ...]
 
     def bind(self, banks: nn.ParameterList, index: int, alpha: torch.Tensor,
              trainable: bool) -> None:
@@ -138,12 +135,58 @@ class MixedLayer(nn.Module):
         so that moving or re-materialising the model's parameters never leaves it stale."""
         return self._banks[self.bank_index]
 
+
+class MixedLayer(Banked, nn.Module):
+    """Shared machinery of template-mixed conv and linear layers."""
+
+    def __init__(self, in_features: int, out_features: int, kernel: tuple[int, ...],
+                 grid: tuple[int, int], axis: str, role: Role, bias: bool) -> None:
+        super().__init__()
+        g_out, g_in = grid
+        if out_features % g_out or in_features % g_in:
+            raise ValueError(f"a {out_features}x{in_features} layer does not split into a "
+                             f"{g_out}x{g_in} grid of tiles")
+        self.grid, self.axis, self.role = grid, axis, role
+        self.tile_shape = (out_features // g_out, in_features // g_in, *kernel)  # (o, i, *k)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
     def weight(self) -> torch.Tensor:
         """Return the generated full weight."""
         return mix(self.alpha, self.bank, self.axis)
 
     def extra_repr(self) -> str:
         return f"tile={self.tile_shape}, grid={self.grid}, axis={self.axis}, role={self.role}"
+
+
+class Twin(Banked):
+    """A builder's layer (a convolution, a Linear, nn.MultiheadAttention's packed input
+    projection) whose weight `mixed_attr` is generated as a MixedLayer's is. Its class is
+    swapped for a subclass (`twin_class`) in which that attribute is a property, so any code
+    that reads it, the layer's own forward or its parent's, gets the generated weight.
+    `order` (one index per grown axis, or None): a grown layer's channels are laid out as the
+    observed plan duplicates them (arch.widen), not in tiles; row k of the weight is row
+    order[0][k] of the tiled one (likewise the columns)."""
+
+    mixed_attr: str
+    order: tuple[torch.Tensor | None, torch.Tensor | None]
+
+    def generated(self) -> torch.Tensor:
+        w = mix(self.alpha, self.bank, self.axis)
+        for dim, index in enumerate(self.order):
+            if index is not None:
+                w = w.index_select(dim, index.to(w.device))
+        return w
+
+
+_TWINS: dict[tuple[type, str], type] = {}
+
+
+def twin_class(cls: type, attr: str) -> type:
+    """Return the subclass of `cls` whose `attr` is generated (see Twin), one per class."""
+    if (cls, attr) not in _TWINS:
+        _TWINS[cls, attr] = type(f"Mixed{cls.__name__}", (Twin, cls),
+                                 {attr: property(Twin.generated), "__module__": __name__})
+    return _TWINS[cls, attr]
 
 
 class MixedConv2d(MixedLayer):
@@ -286,9 +329,20 @@ def init_plain(model: nn.Module) -> None:
                 nn.init.zeros_(mod.bias)
 
 
-def mixed_layers(model: nn.Module) -> dict[str, MixedLayer]:
-    """Return the model's template-mixed layers by module path, in construction order."""
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, MixedLayer)}
+def mixed_layers(model: nn.Module) -> dict[str, Banked]:
+    """Return the model's template-mixed layers (MixedLayer, Twin) by module path, in
+    construction order."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, Banked)}
+
+
+def weight_key(name: str, layer: Banked) -> str:
+    """Return the key of mixed layer `name`'s weight in the plain network's state_dict."""
+    return f"{name}.{layer.mixed_attr}" if isinstance(layer, Twin) else f"{name}.weight"
+
+
+def generated(layer: Banked) -> torch.Tensor:
+    """Return a mixed layer's full weight."""
+    return layer.generated() if isinstance(layer, Twin) else layer.weight()
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -302,5 +356,55 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 continue
             out[name] = tensor.detach().clone()
         for name, layer in mixed.items():
-            out[f"{name}.weight"] = layer.weight().detach().clone()
+            out[weight_key(name, layer)] = generated(layer).detach().clone()
+    return out
+
+
+SPARES = ("random", "permuted")
+CHUNK_BYTES = 64 << 20  # float64 working set of `decompose` per slice
+
+
+def spare_tensor(ws: list[torch.Tensor], j: int, kind: str, gen: torch.Generator
+                 ) -> torch.Tensor:
+    """Return spare tensor j of a bank group with weights `ws` (mgrow.convert's docstring:
+    `random`, standard normal at the weights' mean norm; `permuted`, a weight with its
+    output and input channels shuffled)."""
+    w = ws[j % len(ws)]
+    if kind == "permuted":
+        rows = torch.randperm(w.shape[0], generator=gen)
+        cols = torch.randperm(w.shape[1], generator=gen)
+        return w[rows][:, cols]
+    scale = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float64) for x in ws]).mean()
+    r = torch.randn(w.shape, dtype=torch.float64, generator=gen)
+    return r * (scale / r.norm().clamp_min(1e-30))
+
+
+def decompose(mixed: nn.Module, state: dict[str, torch.Tensor], gen: torch.Generator,
+              spare: str = "random") -> dict[str, torch.Tensor]:
+    """Return the tensors of the ungrown template-mixed network `mixed` (shapes only) that
+    computes the plain state_dict `state` (mgrow.convert's docstring: templates Q^T X of
+    each bank group's weights and spares X, coefficients the rows of Q; exact up to float32
+    round-off). Memory: the result, the spares and float64 slices of about CHUNK_BYTES."""
+    layers = mixed_layers(mixed)
+    out = {k: state[k].detach().to(v.dtype, copy=True) for k, v in mixed.state_dict().items()
+           if k in state}
+    groups: dict[int, list[str]] = {}
+    for name, layer in layers.items():
+        groups.setdefault(layer.bank_index, []).append(name)
+    for n, bank in enumerate(mixed.banks):
+        names = groups[n]
+        t = bank.shape[1]
+        if t < len(names):
+            raise ValueError(f"{t} templates cannot represent {len(names)} layers exactly")
+        ws = [state[weight_key(name, layers[name])] for name in names]
+        spares = [spare_tensor(ws, j, spare, gen) for j in range(t - len(ws))]
+        q = torch.eye(1, dtype=torch.float64) if t == 1 else random_orthogonal(t, gen)
+        rows = max(1, CHUNK_BYTES // max(1, 8 * t * ws[0][0].numel()))
+        templates = torch.empty(1, t, *ws[0].shape)  # (m=1, t, o, i, *k) float32
+        for lo in range(0, ws[0].shape[0], rows):  # output channels, a slice at a time
+            x = torch.stack([w[lo:lo + rows].double() for w in ws + spares])  # (t, rows, ...)
+            templates[0, :, lo:lo + rows] = torch.einsum("jk,j...->k...", q, x)  # Q^T X
+        out[f"banks.{n}"] = templates
+        for row, name in enumerate(names):
+            out[f"{name}.alpha"] = q[row].float().view(1, 1, t)  # (g_out, g_in, t)
     return out

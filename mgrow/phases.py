@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .arch import build, check_name, is_traced
+from .arch import build, check_name
 from .bundle import load, save, save_model
 from .data import Data, DataSource, steps_per_epoch
 from .engine import (Progress, TrainConfig, TrainResult, barrier, evaluate, is_main_process,
@@ -140,8 +140,6 @@ def train_new(arch_name: str, source: DataSource, cfg: TrainConfig, output: Path
     """Train a network from scratch (stage base); its classes and input follow the data;
     `options`: a builder's keyword arguments (torchvision:/timm: networks)."""
     check_name(arch_name)
-    if is_traced(arch_name):  # builders' networks are plain (template-mixed twins: to come)
-        mixing = None
     check_writable(output, run.get("force", False))
     check_no_checkpoint(output, run.get("resume", False))
     data = source.load()

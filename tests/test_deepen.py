@@ -123,6 +123,7 @@ def test_copy_duplicates_the_last_block_and_refuses_a_shape_change(tmp_path):
 
 @pytest.mark.parametrize("name,mixing,kw,message", [
     ("torchvision:mobilenet_v2", PLAIN, {}, "no stage of residual blocks"),
+    ("torchvision:resnet18", MIXED, {}, "a template-mixed builder's network; deepen grows"),
     ("vgg11_bn", PLAIN, {"init": "zero"}, "identity \\(Net2DeeperNet\\) is the one way"),
     ("wrn-10-1", PLAIN, {"init": "identity"}, "x \\+ f\\(x\\) is the identity when f is 0"),
     ("vgg11_bn", MIXED, {"stage": 4}, r"features.\d+: the new blocks would change which layers"),
@@ -133,7 +134,7 @@ def test_copy_duplicates_the_last_block_and_refuses_a_shape_change(tmp_path):
     ("wrn-10-1", MIXED, {"blocks": 0}, "--blocks takes a whole number >= 1"),
 ])
 def test_refusals_name_the_problem(tmp_path, name, mixing, kw, message):
-    width = {"wrn-10-1": 0.5, "vgg11_bn": 0.125, "torchvision:mobilenet_v2": 1.0}.get(name, 0.25)
+    width = {"wrn-10-1": 0.5, "vgg11_bn": 0.125}.get(name, 1.0 if ":" in name else 0.25)
     b = _bundle(tmp_path, name, width, "every", mixing)
     with pytest.raises(MgrowError, match=message):
         deepen(b, **{"blocks": 1, **kw})

@@ -2,7 +2,7 @@
 
 Names: `wrn-D-K` (WideResNet for small inputs), `resnet18`, `resnet34`, `resnet50`
 (torchvision layout and key names), `vgg11_bn` (torchvision layout), and any builder's
-network, `torchvision:NAME` or `timm:NAME` (arch.zoo, plain only). `ArchSpec.width`
+network, `torchvision:NAME` or `timm:NAME` (arch.zoo; template-mixed: arch.twins). `ArchSpec.width`
 multiplies every channel count, so growing by g is `spec.widened(g)`; `ArchSpec.depths`
 sets the blocks of each stage of a WRN, ResNet or VGG (deepening: `deepened`, `units`).
 
@@ -168,9 +168,6 @@ def build(arch: ArchSpec, mixing: MixingSpec | None = None, seed: int = 0,
     check_name(arch.name)
     if arch.depths is not None and not is_traced(arch.name):
         depths(arch)  # one count per stage of a family (a builder's: arch.stages checks)
-    if is_traced(arch.name) and mixing is not None:
-        raise MgrowError(f"{arch.name}: template-mixed builders' networks are not supported "
-                         "yet; use a plain one (--plain)")
     if is_traced(arch.name) and arch.norm != "every":
         raise MgrowError(f"{arch.name}: --norm is a WRN option")
     shapes = _construct(arch, mixing, seed, meta=True)
@@ -201,7 +198,7 @@ def empty(arch: ArchSpec, mixing: MixingSpec | None = None,
 def _construct(arch: ArchSpec, mixing: MixingSpec | None, seed: int, meta: bool) -> nn.Module:
     """Return the network, on the meta device (uninitialised) or initialised on the CPU."""
     if is_traced(arch.name):
-        return build_traced(arch, seed, meta)
+        return build_traced(arch, seed, meta, mixing)
     if arch.options:
         raise MgrowError(f"{arch.name}: builder options are for torchvision:/timm: networks")
     builder = Builder(mixing)

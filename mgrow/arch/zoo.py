@@ -6,9 +6,9 @@ grown by g (`ArchSpec.width` = g, an integer) is rebuilt by growing the built on
 plan mgrow.arch.widen observes, so a bundle alone rebuilds its model; a deepened one
 (`ArchSpec.depths`) has its stages extended first (arch.stages).
 
-Owns `is_traced`, `check_traced`, `build_traced`. Imports mgrow.errors, manifest,
-arch.widen, arch.plans and arch.stages; torchvision always, timm only when a timm name is
-asked for (`mgrow[timm]`).
+Owns `is_traced`, `check_traced`, `build_traced`. Imports mgrow.errors, manifest, mixing,
+arch.widen, arch.plans, arch.stages and arch.twins (template-mixed twins); torchvision
+always, timm only when a timm name is asked for (`mgrow[timm]`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from ..errors import MgrowError
-from ..manifest import ArchSpec
+from ..manifest import ArchSpec, MixingSpec
+from ..mixing import decompose
 from .plans import apply
 from .stages import extend
+from .twins import init_twin, twin
 from .widen import plan
 
 PREFIXES = ("torchvision:", "timm:")
@@ -107,37 +109,57 @@ def _construct(arch: ArchSpec) -> nn.Module:
                          f"{str(e).splitlines()[0][:200]}") from None
 
 
-def build_traced(arch: ArchSpec, seed: int = 0, meta: bool = False) -> nn.Module:
+def build_traced(arch: ArchSpec, seed: int = 0, meta: bool = False,
+                 mixing: MixingSpec | None = None) -> nn.Module:
     """Return the network `arch` names, initialised by its builder (seeded) or on the meta
     device; at width g > 1, grown along the observed plan (mgrow.arch.widen) and, unless
     on the meta device, initialised afresh by every layer's own `reset_parameters` (class
-    tokens and position embeddings keep the builder's values, each copied g times)."""
+    tokens and position embeddings keep the builder's values, each copied g times).
+
+    `mixing`: its template-mixed twin (arch.twins), with a grid of g x g tiles when
+    mixing.factor is the width g (a grown net) or of one tile (factor 1). Initialised, an
+    ungrown grid computes exactly the builder's initial weights (templates decomposed from
+    them, mixing.decompose); a grown one is drawn as mgrow's own families are.
+    """
     check_traced(arch.name)
     g = int(arch.width)
     if g != arch.width:
         raise MgrowError(f"{arch.name}: width {arch.width:g}; a traced network grows by "
                          "whole factors (2, 3, ...)")
+    if mixing is not None and mixing.factor not in (1, g):
+        raise MgrowError(f"{arch.name}: a template-mixed builder's network at width {g} holds "
+                         f"a grid of 1 or {g} x {g} tiles, not {mixing.factor}")
+    shape = (1, arch.in_channels, arch.input_size, arch.input_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if g == 1 and meta:
             model = _on_meta(arch).eval()
             if arch.depths is not None:
                 extend(model, arch.depths, fresh=False)
-            return model
+            return model if mixing is None else twin(model, mixing, shape)
         model = _construct(arch).eval()
         if arch.depths is not None:  # deepened (mgrow deepen): before widening, whose plan
             extend(model, arch.depths, fresh=True)  # then grows the new blocks too
-    if g == 1:
-        return model
-    shape = (2, arch.in_channels, arch.input_size, arch.input_size)
-    steps = plan(model, g, torch.zeros(shape))
+    steps = plan(model, g, torch.zeros((2, *shape[1:]))) if g > 1 else None
+    grid = steps if mixing is not None and mixing.factor > 1 else None
     if meta:
-        return apply(model.to("meta"), steps, "zero")
-    grown = apply(model, steps)
-    with torch.random.fork_rng(devices=[]):  # a fresh wide net: every layer's own init
-        torch.manual_seed(seed)  # (nn.MultiheadAttention's is the private one)
-        for m in grown.modules():
-            reset = getattr(m, "reset_parameters", getattr(m, "_reset_parameters", None))
-            if reset is not None and any(True for _ in m.parameters(False)):
-                reset()
-    return grown
+        model = apply(model.to("meta"), steps, "zero")
+        return model if mixing is None else twin(model, mixing, shape, grid)
+    if g > 1:
+        model = apply(model, steps)
+        with torch.random.fork_rng(devices=[]):  # a fresh wide net: every layer's own init
+            torch.manual_seed(seed)  # (nn.MultiheadAttention's is the private one)
+            for m in model.modules():
+                reset = getattr(m, "reset_parameters", getattr(m, "_reset_parameters", None))
+                if reset is not None and any(True for _ in m.parameters(False)):
+                    reset()
+    if mixing is None:
+        return model
+    plain = model.state_dict()
+    twin(model, mixing, shape, grid)
+    gen = torch.Generator().manual_seed(seed)
+    if grid is None:  # the builder's own initial weights, as templates and coefficients
+        model.load_state_dict(decompose(model, plain, gen))
+    else:
+        init_twin(model, gen)
+    return model

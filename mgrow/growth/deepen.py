@@ -106,6 +106,9 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
             seed: int) -> tuple[Manifest, dict[str, torch.Tensor], list[str]]:
     """deepen for a builder's network: copies of a stage's last block (arch.stages)."""
     man = bundle.manifest
+    if man.mixing is not None:
+        raise MgrowError(f"{bundle.path}: a template-mixed builder's network; deepen grows "
+                         "builders' networks plain (train or convert with --plain)")
     if init not in ("zero", "copy"):
         raise MgrowError(f"--init {init}: a builder's network is plain and residual; it "
                          "deepens by zero (fresh blocks) or copy")

@@ -22,11 +22,13 @@ from ..manifest import ArchSpec, DatasetSpec, MixingSpec, Phase
 from ..mixing import MixedLayer, mixed_layers, plain_state_dict
 
 
-def carried(role: str, r: int, c: int, m: int) -> int | None:
-    """Return the member whose own layer tile (r, c) is, or None for a new tile."""
-    if role == "stem":
+def carried(role: str, r: int, c: int, m: int, grid: tuple[int, int] = (0, 0)) -> int | None:
+    """Return the member whose own layer tile (r, c) is, or None for a new tile. A layer of
+    one tile column (the stem; a builder's depthwise convolution) carries tile (r, 0) from
+    member r, one of a single row (the classifier) tile (0, c) from member c."""
+    if role == "stem" or (role == "inner" and grid[1] == 1):
         return r if r < m else None
-    if role == "head":
+    if role == "head" or (role == "inner" and grid[0] == 1):
         return c if c < m else None
     return r if r == c and r < m else None
 
@@ -136,7 +138,7 @@ def head_name(skeleton: torch.nn.Module) -> str:
 
 
 def grid_size(skeleton: torch.nn.Module) -> int:
-    return next(iter(mixed_layers(skeleton).values())).grid[0]
+    return max(max(layer.grid) for layer in mixed_layers(skeleton).values())
 
 
 def tile_weights(skeleton: torch.nn.Module, states: list[dict[str, torch.Tensor]],

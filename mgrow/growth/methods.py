@@ -110,11 +110,15 @@ def fuse(members: list[Bundle], factor: int = 2, tiling: str = "vertical",
     `batch_size` and `steps` feed the data-driven methods; `bn_correct` corrects the BN
     running statistics without data (growth.norms).
     """
-    if method == "zero" or (members and is_traced(members[0].manifest.arch.name)):
+    traced_net = bool(members) and is_traced(members[0].manifest.arch.name)
+    if method == "zero" or (traced_net and method != "mixture"):
         manifest, tensors = traced.grow(members, factor, method, DEFAULT_NOISE.get(
             method, 0.0) if noise is None else noise, seed, bn_correct)
         return Grown(manifest, tensors)
     check_members(members, factor, method)
+    if traced_net and bn_correct:
+        raise MgrowError("--bn-correct corrects mgrow's own families; a builder's network "
+                         "grown by mixture carries every channel's statistics with it")
     if method == "mixture" and init not in INITS:
         raise MgrowError(f"unknown --init {init!r}: expected one of {', '.join(INITS)}")
     if tiling not in ("vertical", "horizontal"):

@@ -2,14 +2,21 @@
 every new tile mixes its owner's existing templates with a new coefficient vector
 (growth.inits). See growth.methods for the grid and the owners.
 
-Owns `mixture`. Imports growth.grid, growth.inits and mgrow.mixing.
+A builder's template-mixed twin (torchvision:, timm:) grows the same way; its channels
+are laid out as arch.widen's plan copies them, and its other tensors are the members'
+along that plan (growth.traced.carried).
+
+Owns `mixture`. Imports growth.grid, growth.inits, growth.traced, mgrow.arch and
+mgrow.mixing.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..arch import is_traced
 from ..mixing import MixedLayer, mixed_layers
+from . import traced
 from .grid import (Job, Result, carried, common, grid, grid_size, head_name, old_block, owner,
                    block_sources)
 from .inits import INITS
@@ -22,8 +29,11 @@ def mixture(job: Job) -> Result:
     before = grid(members[0])  # > 1: growing a grown net again, alone
     m = len(members) if before == 1 else members[0].manifest.mixing.members
     head = head_name(skeleton)
-    srcs = block_sources(grid_size(skeleton), m, before)
-    out = common(states, skeleton, srcs, head)
+    if is_traced(job.arch.name):  # a builder's twin: channels laid out as its plan copies
+        srcs, out = None, traced.carried(members, grid_size(skeleton), skeleton)
+    else:
+        srcs = block_sources(grid_size(skeleton), m, before)
+        out = common(states, skeleton, srcs, head)
     for n in range(len(skeleton.banks)):
         out[f"banks.{n}"] = torch.cat([s[f"banks.{n}"] for s in states])  # (m, t, o, i, *k)
     layers = mixed_layers(skeleton)
@@ -34,7 +44,7 @@ def mixture(job: Job) -> Result:
             g_out, g_in = states[0][f"{name}.alpha"].shape[:2]
             return states[0][f"{name}.alpha"][r, c].double() if r < g_out and c < g_in \
                 else None
-        j = carried(layer.role, r, c, m)
+        j = carried(layer.role, r, c, m, layer.grid)
         return None if j is None else states[j][f"{name}.alpha"][0, 0].double()
 
     def source(name: str, layer: MixedLayer, r: int, c: int) -> torch.Tensor:

@@ -3,21 +3,28 @@
 mgrow.arch.widen watches a probe copy of the network run and grows every channel axis by
 g, whatever Python code wires its layers; this module turns that into `fuse`'s output:
 `net2net` (every unit copied, its readers share the weight: the function is kept, also
-with --noise, which perturbs the shares), `zero` (new units with zero fan-out: the function
-is kept unless a LayerNorm or GroupNorm averages over grown channels), `random`.
+with --noise, which perturbs the shares; a template-mixed member grows as the plain network
+it computes), `zero` (new units with zero fan-out: the function
+is kept unless a LayerNorm or GroupNorm averages over grown channels), `random`; and the
+tensors of a template-mixed twin's MixtureGrowth besides its coefficients and banks
+(`carried`: what growth.mixture takes from the members along the plan).
 
-Owns `grow`. Imports mgrow.arch (widen, plans), bundle, errors, manifest.
+Owns `grow`, `carried`. Imports mgrow.arch (build, widen, plans, twins), bundle, errors,
+manifest, mixing.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..arch.plans import METHODS, apply
+from ..arch import build, empty
+from ..arch.plans import METHODS, _take, apply
+from ..arch.twins import copies
 from ..arch.widen import plan
 from ..bundle import Bundle
 from ..errors import MgrowError
-from ..manifest import Growth, Manifest
+from ..manifest import ArchSpec, Growth, Manifest
+from ..mixing import mixed_layers, plain_state_dict
 
 
 def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: int,
@@ -30,19 +37,70 @@ def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: in
     if method not in METHODS:
         raise MgrowError(f"--method {method} does not grow {name} yet: use one of "
                          f"{', '.join(METHODS)}")
-    if first.manifest.mixing is not None:
-        raise MgrowError(f"{first.path}: template-mixed; --method {method} grows a plain "
-                         "network (`mgrow export` writes one)")
     if bn_correct:
         raise MgrowError("--bn-correct corrects mixture and grid growth; --method "
                          f"{method} copies every unit's statistics with it")
     arch = first.manifest.arch
     model = first.model().eval()
+    if first.manifest.mixing is not None:  # a template-mixed twin: its plain network grows
+        model = _plain(model, arch)
     example = torch.zeros(2, arch.in_channels, arch.input_size, arch.input_size)
     grown = apply(model, plan(model, factor, example), method, noise, seed)
     growth = Growth(method=method, init=None, factor=factor, members=1, tiling="none",
                     seed=seed, noise=noise)
     options = {"factor": factor, "method": method, "seed": seed, "noise": noise}
     manifest = first.manifest.derived("fuse", options, (first.parent(),),
-                                      arch=arch.widened(factor), growth=growth)
+                                      arch=arch.widened(factor), growth=growth,
+                                      mixing=None)
     return manifest, {k: v.detach().clone() for k, v in grown.state_dict().items()}
+
+
+def _plain(twin: torch.nn.Module, arch: ArchSpec) -> torch.nn.Module:
+    """Return the plain network a template-mixed twin computes (weights generated)."""
+    plain = empty(arch)
+    plain.load_state_dict(plain_state_dict(twin), strict=True)
+    return plain.eval()
+
+
+def carried(members: list[Bundle], factor: int, skeleton: torch.nn.Module
+            ) -> dict[str, torch.Tensor]:
+    """Return every tensor of the grown twin `skeleton` but its banks and coefficients:
+    along the plan (observed on the members' architecture), an entry whose grown axes are
+    all the c-th copies of their old channels is member (c mod m)'s; an entry that crosses
+    copies (a read axis's copy differs from a produced one's) is zero, so each member's
+    channels read only their own; a tensor with no grown axis (the classifier's bias) is
+    the members' mean; integer buffers are the first member's."""
+    man = members[0].manifest
+    if man.arch.width != 1 or (man.mixing is not None and man.mixing.factor != 1):
+        raise MgrowError(f"{members[0].path}: a grown builder's network; --method mixture "
+                         "grows an ungrown one (its members at width 1)")
+    arch = man.arch
+    example = torch.zeros(2, arch.in_channels, arch.input_size, arch.input_size)
+    steps = plan(build(arch), factor, example)
+    layers = mixed_layers(skeleton)
+    m, out = len(members), {}
+    for key, ref in skeleton.state_dict().items():
+        path, _, leaf = key.rpartition(".")
+        if path == "banks" or (path in layers and leaf == "alpha"):
+            continue
+        parts = [b.tensors[key] for b in members]
+        axes = steps.axes.get(key, [])
+        if not any(len(a.index) > int(a.index.max()) + 1 for a in axes):  # none grown
+            out[key] = (torch.stack(parts).mean(0) if parts[0].is_floating_point()
+                        else parts[0].clone())
+            continue
+        grown = [_take(t, axes) for t in parts]
+        copy, same = None, torch.ones((), dtype=torch.bool)
+        for a in axes:
+            shape = [1] * ref.dim()
+            shape[a.dim] = len(a.index)
+            k = copies(a.index).view(shape)
+            same = same & (k == copy) if copy is not None else same
+            copy = k if copy is None else copy
+        owner = torch.where(same, copy % m, -1).expand(ref.shape)
+        value = torch.zeros(ref.shape, dtype=parts[0].dtype)
+        for j, t in enumerate(grown):
+            value = torch.where(owner == j, t, value)
+        out[key] = value
+        assert out[key].shape == ref.shape, key
+    return out

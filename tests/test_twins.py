@@ -1,0 +1,197 @@
+"""Template-mixed twins of builders' networks, and MixtureGrowth of them.
+
+Real torchvision and timm builders at small inputs, real bundles on disk, the CLI's entry
+point; the claims are numerical: a twin computes its plain network, a converted checkpoint
+its logits, carried tiles are bit-equal, and `--init zero` gives the members' mean logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from conftest import run_main
+from mgrow.arch import build, empty
+from mgrow.arch.twins import copies, twin
+from mgrow.bundle import load, save_model
+from mgrow.growth import fuse
+from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec
+from mgrow.mixing import decompose, generated, mixed_layers, plain_state_dict
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _members(tmp_path, arch: ArchSpec, spec: MixingSpec = MixingSpec()):
+    """Two template-mixed twins of different seeds, norms and biases moved off their init
+    (so that every carried statistic and the averaged classifier bias are tested)."""
+    out = []
+    for seed in (1, 2):
+        model = build(arch, spec, seed=seed).eval()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, t in model.named_parameters():
+                if t.dim() == 1:
+                    t.add_(0.1 * torch.randn(t.shape, generator=gen))
+            for name, t in model.named_buffers():
+                if name.endswith("running_var"):
+                    t.mul_(1 + torch.rand(t.shape, generator=gen))
+        manifest = Manifest(arch=arch, mixing=spec, lineage=Lineage(
+            operation="train", options={"seed": seed}))
+        out.append(load(save_model(tmp_path / f"m{seed}.safetensors", manifest, model)))
+    return out
+
+
+def _grown(grown) -> torch.nn.Module:
+    net = empty(grown.manifest.arch, grown.manifest.mixing)
+    net.load_state_dict(grown.tensors, strict=True)
+    return net.eval()
+
+
+def test_copies_count_each_old_index_in_order():
+    assert copies(torch.tensor([0, 0, 1, 1, 0, 2])).tolist() == [0, 1, 0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v3_small",
+                                  "timm:vit_tiny_patch16_224"])
+def test_a_twin_computes_its_builders_network(name):
+    """Built template-mixed, a builder's network computes the builder's own initial
+    weights (templates decomposed from them); the meta build has the same tensors; its
+    plain state_dict loads strictly into the builder's network and gives the same logits."""
+    options = {"img_size": 32} if name.startswith("timm:") else {}
+    arch = ArchSpec(name=name, num_classes=10, input_size=32, options=options)
+    plain, mixed = build(arch, seed=4).eval(), build(arch, MixingSpec(), seed=4).eval()
+    state = plain_state_dict(mixed)
+    assert state.keys() == plain.state_dict().keys()
+    for key, want in plain.state_dict().items():  # every weight the builder's own
+        assert (state[key] - want).abs().max() <= 1e-6 * (1 + want.abs().max()), key
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (mixed(x) - plain(x)).abs().max() <= 1e-5 * (1 + plain(x).abs().max())
+    meta = build(arch, MixingSpec(), meta=True)
+    assert {k: v.shape for k, v in meta.state_dict().items()} == \
+        {k: v.shape for k, v in mixed.state_dict().items()}
+    assert not any(k.endswith(".weight") and v.dim() > 1 for k, v in mixed.state_dict().items())
+    roles = [layer.role for layer in mixed_layers(mixed).values()]
+    assert roles.count("stem") == 1 and roles.count("head") == 1
+    plain.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.equal(plain(x), mixed(x))
+
+
+def test_multihead_attention_and_weights_read_by_a_parent_are_generated():
+    """nn.MultiheadAttention reads its packed input projection and its out_proj's weight in
+    its own code: both are generated (the twin's weight is a property), so the encoder
+    block computes what the plain one does."""
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = EncoderBlock(2, 8, 16, 0.0, 0.0), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.block(x))
+
+    torch.manual_seed(0)
+    block = Net().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        want = block(x)
+    state = block.state_dict()
+    twin(block, MixingSpec(), tuple(x.shape))
+    block.load_state_dict(decompose(block, state, torch.Generator().manual_seed(0)))
+    attention = block.block.self_attention
+    held = attention.state_dict()  # (the stem here: its coefficients a frozen buffer)
+    assert {"alpha", "out_proj.alpha"} <= held.keys() and "in_proj_weight" not in held
+    with torch.no_grad():
+        assert _relative(block(x), want) <= 1e-6
+
+
+def test_convert_is_template_mixed_by_default_and_exact(tmp_path):
+    """A torchvision checkpoint converts to a template-mixed twin (the default, as for
+    mgrow's own families) computing its logits; --plain keeps it plain; the export's
+    state_dict loads strictly into the builder's network."""
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(num_classes=7).eval()
+    torch.save(net.state_dict(), tmp_path / "net.pth")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = net(x)
+    for flag, mixed in (((), True), (("--plain",), False)):
+        out = tmp_path / f"{mixed}.safetensors"
+        r = run_main("convert", tmp_path / "net.pth", "--arch", "torchvision:mobilenet_v3_small",
+                     "--input-size", 32, *flag, "-o", out)
+        assert r.returncode == 0, r.stderr
+        b = load(out)
+        assert (b.manifest.mixing is not None) == mixed
+        assert any(k.startswith("banks.") for k in b.tensors) == mixed
+        with torch.no_grad():
+            assert _relative(b.model().eval()(x), want) <= 1e-5
+    r = run_main("export", tmp_path / "True.safetensors", "-o", tmp_path / "plain.safetensors")
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+    fresh = torchvision.models.mobilenet_v3_small(num_classes=7).eval()
+    fresh.load_state_dict(load_file(tmp_path / "plain.safetensors"), strict=True)
+    with torch.no_grad():
+        assert _relative(fresh(x), want) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v3_small"])
+def test_mixture_growth_of_builders_nets(tmp_path, name):
+    """A builder's twin and a sibling fused by MixtureGrowth: every carried tile is the
+    member's weight bit-equal (residual additions, depthwise convolutions, squeeze-
+    excitation products between them); `--init zero` computes the members' mean logits, by
+    2 and by 3 (a third copy of new units); `orthogonal` new tiles change them."""
+    arch = ArchSpec(name=name, num_classes=10, input_size=32)
+    a, b = _members(tmp_path, arch)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        members = [a.model().eval(), b.model().eval()]
+        mean = (members[0](x) + members[1](x)) / 2
+    for init, g in (("zero", 2), ("zero", 3), ("orthogonal", 2)):
+        grown = fuse([a, b], factor=g, init=init, method="mixture")
+        assert grown.manifest.arch.width == g and grown.manifest.mixing.factor == g
+        net = _grown(grown)
+        with torch.no_grad():
+            err = _relative(net(x), mean)
+        assert err <= 1e-5 if init == "zero" else err > 1e-3, (init, g, err)
+        for path, layer in mixed_layers(net).items():
+            w = generated(layer).detach()
+            for j, member in enumerate(members):
+                own = generated(mixed_layers(member)[path]).detach()
+                rows = w.index_select(0, torch.arange(j, w.shape[0], g)) \
+                    if layer.grid[0] > 1 else w
+                tile = rows.index_select(1, torch.arange(j, w.shape[1], g)) \
+                    if layer.grid[1] > 1 else rows
+                if layer.role == "head":
+                    tile = tile * 2  # the classifier averages the members
+                assert torch.equal(tile, own), (path, j)
+
+
+def test_mixture_of_a_builders_net_through_the_commands(tmp_path):
+    """fuse, save, rebuild from the manifest alone: the grown bundle's logits are the
+    members' mean; what mixture does not take is refused in one line, nothing written."""
+    arch = ArchSpec(name="torchvision:resnet18", num_classes=10, input_size=32)
+    a, b = _members(tmp_path, arch)
+    out = tmp_path / "ab.safetensors"
+    r = run_main("fuse", a.path, b.path, "--init", "zero", "-o", out)
+    assert r.returncode == 0, r.stderr
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        mean = (a.model().eval()(x) + b.model().eval()(x)) / 2
+        assert _relative(load(out).model().eval()(x), mean) <= 1e-5
+    for args, message in [((out, "--factor", 2), "grows an ungrown one"),
+                          ((a.path, b.path, "--bn-correct"), "--bn-correct corrects mgrow's")]:
+        bad = tmp_path / "bad.safetensors"
+        r = run_main("fuse", *args, "-o", bad)
+        assert r.returncode != 0 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not bad.exists()
+    r = run_main("fuse", a.path, "--method", "net2net", "--noise", 0, "-o",
+                 tmp_path / "n.safetensors")  # a twin grows plain by net2net, keeping it
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        assert _relative(load(tmp_path / "n.safetensors").model().eval()(x),
+                         a.model().eval()(x)) <= 1e-5
