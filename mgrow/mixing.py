@@ -379,20 +379,36 @@ def spare_tensor(ws: list[torch.Tensor], j: int, kind: str, gen: torch.Generator
     return r * (scale / r.norm().clamp_min(1e-30))
 
 
+def bank_groups(model: nn.Module) -> list[list[str]]:
+    """Return the paths of the mixed layers of each bank, bank by bank."""
+    groups: dict[int, list[str]] = {}
+    for name, layer in mixed_layers(model).items():
+        groups.setdefault(layer.bank_index, []).append(name)
+    return [groups[n] for n in range(len(groups))]
+
+
 def decompose(mixed: nn.Module, state: dict[str, torch.Tensor], gen: torch.Generator,
-              spare: str = "random") -> dict[str, torch.Tensor]:
+              spare: str = "random", keep: tuple[nn.Module, dict[str, torch.Tensor]] | None = None
+              ) -> dict[str, torch.Tensor]:
     """Return the tensors of the ungrown template-mixed network `mixed` (shapes only) that
     computes the plain state_dict `state` (mgrow.convert's docstring: templates Q^T X of
     each bank group's weights and spares X, coefficients the rows of Q; exact up to float32
-    round-off). Memory: the result, the spares and float64 slices of about CHUNK_BYTES."""
+    round-off). Memory: the result, the spares and float64 slices of about CHUNK_BYTES.
+
+    `keep` (a template-mixed network and its tensors, which `state` extends: a deepened
+    copy's source): a bank whose layers are exactly one of its banks' (same paths, in
+    order) keeps that bank and those coefficients bit-equal instead."""
     layers = mixed_layers(mixed)
     out = {k: state[k].detach().to(v.dtype, copy=True) for k, v in mixed.state_dict().items()
            if k in state}
-    groups: dict[int, list[str]] = {}
-    for name, layer in layers.items():
-        groups.setdefault(layer.bank_index, []).append(name)
-    for n, bank in enumerate(mixed.banks):
-        names = groups[n]
+    kept = {}
+    if keep is not None:
+        kept = {tuple(names): n for n, names in enumerate(bank_groups(keep[0]))}
+    for n, (bank, names) in enumerate(zip(mixed.banks, bank_groups(mixed))):
+        if tuple(names) in kept and keep[1][f"banks.{kept[tuple(names)]}"].shape == bank.shape:
+            out[f"banks.{n}"] = keep[1][f"banks.{kept[tuple(names)]}"].clone()
+            out.update({f"{name}.alpha": keep[1][f"{name}.alpha"].clone() for name in names})
+            continue
         t = bank.shape[1]
         if t < len(names):
             raise ValueError(f"{t} templates cannot represent {len(names)} layers exactly")

@@ -123,7 +123,7 @@ def test_copy_duplicates_the_last_block_and_refuses_a_shape_change(tmp_path):
 
 @pytest.mark.parametrize("name,mixing,kw,message", [
     ("torchvision:mobilenet_v2", PLAIN, {}, "no stage of residual blocks"),
-    ("torchvision:resnet18", MIXED, {}, "a template-mixed builder's network; deepen grows"),
+    ("torchvision:resnet18", MIXED, {"init": "mixture"}, "residual network deepens by zero"),
     ("vgg11_bn", PLAIN, {"init": "zero"}, "identity \\(Net2DeeperNet\\) is the one way"),
     ("wrn-10-1", PLAIN, {"init": "identity"}, "x \\+ f\\(x\\) is the identity when f is 0"),
     ("vgg11_bn", MIXED, {"stage": 4}, r"features.\d+: the new blocks would change which layers"),

@@ -195,3 +195,30 @@ def test_mixture_of_a_builders_net_through_the_commands(tmp_path):
     with torch.no_grad():
         assert _relative(load(tmp_path / "n.safetensors").model().eval()(x),
                          a.model().eval()(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("init", ["zero", "copy"])
+def test_a_twin_deepens_keeping_its_function_and_its_banks(tmp_path, init):
+    """deepen of a builder's template-mixed twin: the logits are kept, the result is a
+    twin again (rebuilt from its manifest), and every bank that serves the same layers as
+    before is carried bit-equal with their coefficients."""
+    from mgrow.bundle import save
+    from mgrow.growth import deepen
+    from mgrow.mixing import bank_groups
+    arch = ArchSpec(name="torchvision:resnet18", num_classes=10, input_size=32)
+    a, _ = _members(tmp_path, arch)
+    man, tensors, _ = deepen(a, 1, "all", init)
+    deep = load(save(tmp_path / "deep.safetensors", man, tensors))
+    assert deep.manifest.mixing == a.manifest.mixing and man.arch.depths == (3, 3, 3, 3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(deep.model().eval()(x), a.model().eval()(x), rtol=0, atol=1e-5)
+    old = {tuple(names): n for n, names in enumerate(bank_groups(a.model()))}
+    kept = 0
+    for n, names in enumerate(bank_groups(deep.model())):
+        if tuple(names) in old:
+            kept += 1
+            assert torch.equal(deep.tensors[f"banks.{n}"], a.tensors[f"banks.{old[tuple(names)]}"])
+            assert all(torch.equal(deep.tensors[f"{p}.alpha"], a.tensors[f"{p}.alpha"])
+                       for p in names)
+    assert kept >= len(old) - 4  # at most one bank a stage now also serves a new layer

@@ -26,22 +26,28 @@ old layer's coefficients over them are zero); other new layers get banks of thei
 under mixture filled with copies of the templates of the stage's nearest bank of their
 shape (the rest, if larger, fresh).
 
+Builders' residual networks (torchvision:, timm:) deepen by zero or copy along the stages
+arch.stages finds; a template-mixed twin deepens as the plain network it computes, then is
+decomposed again (mixing.decompose) keeping every bank whose layers are unchanged, and its
+coefficients, bit-equal (a bank that now also serves a new layer is decomposed afresh).
+
 Owns `deepen`, `INITS`. Imports mgrow.arch, bundle, errors, footprint, limits, manifest,
-mixing.
+mixing and growth.traced (a twin's plain network).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..arch import block_paths, build, deepened, depths, is_traced, same_blocks
+from ..arch import block_paths, build, deepened, depths, empty, is_traced, same_blocks
 from ..arch.stages import extend, find_stages, zero_residual
 from ..bundle import Bundle
 from ..errors import MgrowError
 from ..footprint import estimate
 from ..limits import check_memory
 from ..manifest import Manifest
-from ..mixing import MixedLayer, mixed_layers
+from ..mixing import MixedLayer, decompose, mixed_layers
+from .traced import plain_network
 
 INITS = ("zero", "copy", "mixture", "identity")
 TOLERANCE = 1e-5  # logits' relative error a deepened net may show (residual nets: 0)
@@ -106,13 +112,11 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
             seed: int) -> tuple[Manifest, dict[str, torch.Tensor], list[str]]:
     """deepen for a builder's network: copies of a stage's last block (arch.stages)."""
     man = bundle.manifest
-    if man.mixing is not None:
-        raise MgrowError(f"{bundle.path}: a template-mixed builder's network; deepen grows "
-                         "builders' networks plain (train or convert with --plain)")
     if init not in ("zero", "copy"):
-        raise MgrowError(f"--init {init}: a builder's network is plain and residual; it "
-                         "deepens by zero (fresh blocks) or copy")
-    model = bundle.model().eval()
+        raise MgrowError(f"--init {init}: a builder's residual network deepens by zero "
+                         "(fresh blocks) or copy")
+    source = bundle.model().eval()
+    model = source if man.mixing is None else plain_network(source, man.arch)
     stages = find_stages(model)
     if not stages:
         raise MgrowError(f"{man.arch.name}: no stage of residual blocks (an nn.Sequential of "
@@ -150,10 +154,18 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
         ends = zero_residual(model.get_submodule(path), seen[s][1], path)
         notes.append(f"{path}: zeroed {', '.join(ends)}")
     _compare(want, _logits(model, man.arch))
+    tensors = {k: v.detach() for k, v in model.state_dict().items()}
+    if man.mixing is not None:  # the deeper twin: the source's banks and coefficients kept
+        deep = build(arch, man.mixing, meta=True)  # bit-equal wherever a bank serves the
+        tensors = decompose(deep, tensors, torch.Generator().manual_seed(seed),  # same
+                            keep=(source, bundle.tensors))  # layers; new ones decomposed
+        twin = empty(arch, man.mixing, deep)
+        twin.load_state_dict(tensors)
+        _compare(want, _logits(twin.eval(), man.arch))
     options = {"blocks": blocks, "stages": [s + 1 for s in chosen], "init": init,
                "seed": seed, "depths": list(new), "notes": notes[:MAX_NOTES]}
     manifest = man.derived("deepen", options, (bundle.parent(),), arch=arch)
-    return manifest, {k: v.detach() for k, v in model.state_dict().items()}, notes
+    return manifest, tensors, notes
 
 
 def _stages(stage: int | str | None, count: int, names: list[str] | None = None) -> list[int]:

@@ -9,8 +9,8 @@ is kept unless a LayerNorm or GroupNorm averages over grown channels), `random`;
 tensors of a template-mixed twin's MixtureGrowth besides its coefficients and banks
 (`carried`: what growth.mixture takes from the members along the plan).
 
-Owns `grow`, `carried`. Imports mgrow.arch (build, widen, plans, twins), bundle, errors,
-manifest, mixing.
+Owns `grow`, `carried`, `plain_network`. Imports mgrow.arch (build, widen, plans, twins),
+bundle, errors, manifest, mixing.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: in
     arch = first.manifest.arch
     model = first.model().eval()
     if first.manifest.mixing is not None:  # a template-mixed twin: its plain network grows
-        model = _plain(model, arch)
+        model = plain_network(model, arch)
     example = torch.zeros(2, arch.in_channels, arch.input_size, arch.input_size)
     grown = apply(model, plan(model, factor, example), method, noise, seed)
     growth = Growth(method=method, init=None, factor=factor, members=1, tiling="none",
@@ -55,7 +55,7 @@ def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: in
     return manifest, {k: v.detach().clone() for k, v in grown.state_dict().items()}
 
 
-def _plain(twin: torch.nn.Module, arch: ArchSpec) -> torch.nn.Module:
+def plain_network(twin: torch.nn.Module, arch: ArchSpec) -> torch.nn.Module:
     """Return the plain network a template-mixed twin computes (weights generated)."""
     plain = empty(arch)
     plain.load_state_dict(plain_state_dict(twin), strict=True)
