@@ -4,8 +4,8 @@ Reading validates everything (file, header, manifest, tensors against the archit
 raises MgrowError with a one-line reason; writing goes through mgrow.files (atomic, under the
 output's writer lock), so an interrupted or failed write never leaves a partial file.
 
-Owns `Bundle`, `load`, `save`, `save_model`, `export_plain` and the tensor checks. Imports
-mgrow.errors, limits, manifest, files, and (to rebuild a model) arch and mixing.
+Owns `Bundle`, `load`, `read_manifest`, `save`, `save_model`, `export_plain` and the tensor
+checks. Imports mgrow.errors, limits, manifest, files, and (to rebuild a model) arch and mixing.
 """
 
 from __future__ import annotations
@@ -233,6 +233,11 @@ def load(path: str | os.PathLike) -> Bundle:
     bundle = Bundle(manifest, tensors, Path(path), hashlib.sha256(data).hexdigest())
     check_tensors(skeleton_, tensors, path)
     return bundle
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Return the manifest of the bundle at `path`, reading only its header."""
+    return _manifest(_read_header(path), path)
 
 
 def _read_header(path: str | os.PathLike) -> dict:

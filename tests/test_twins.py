@@ -222,3 +222,32 @@ def test_a_twin_deepens_keeping_its_function_and_its_banks(tmp_path, init):
             assert all(torch.equal(deep.tensors[f"{p}.alpha"], a.tensors[f"{p}.alpha"])
                        for p in names)
     assert kept >= len(old) - 4  # at most one bank a stage now also serves a new layer
+
+
+def test_export_names_the_builders_own_wider_network(tmp_path):
+    """A grown builder's network that the builder makes under a wider width option is
+    named by export, and its state_dict loads strictly into that network with the same
+    logits; one no width option makes (resnet18 x2) is not named."""
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    for name, net in (("mobilenet_v2", torchvision.models.mobilenet_v2(num_classes=10)),
+                      ("resnet18", torchvision.models.resnet18(num_classes=10))):
+        torch.save(net.state_dict(), tmp_path / f"{name}.pth")
+        small, grown = tmp_path / f"{name}.safetensors", tmp_path / f"{name}x2.safetensors"
+        assert run_main("convert", tmp_path / f"{name}.pth", "--arch", f"torchvision:{name}",
+                        "--input-size", 32, "--plain", "-o", small).returncode == 0
+        assert run_main("fuse", small, "--method", "net2net", "--noise", 0,
+                        "-o", grown).returncode == 0
+        out = tmp_path / f"{name}-plain.safetensors"
+        r = run_main("export", grown, "-o", out)
+        assert r.returncode == 0, r.stderr
+        if name == "resnet18":
+            assert "loads strictly" not in r.stdout
+            continue
+        assert "get_model('mobilenet_v2', num_classes=10, width_mult=2.0)" in r.stdout
+        wide = torchvision.models.get_model("mobilenet_v2", num_classes=10,
+                                            width_mult=2.0).eval()
+        wide.load_state_dict(load_file(out), strict=True)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert _relative(wide(x), net.eval()(x)) <= 1e-5

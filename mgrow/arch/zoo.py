@@ -6,9 +6,9 @@ grown by g (`ArchSpec.width` = g, an integer) is rebuilt by growing the built on
 plan mgrow.arch.widen observes, so a bundle alone rebuilds its model; a deepened one
 (`ArchSpec.depths`) has its stages extended first (arch.stages).
 
-Owns `is_traced`, `check_traced`, `build_traced`. Imports mgrow.errors, manifest, mixing,
-arch.widen, arch.plans, arch.stages and arch.twins (template-mixed twins); torchvision
-always, timm only when a timm name is asked for (`mgrow[timm]`).
+Owns `is_traced`, `check_traced`, `build_traced`, `wider_builder`. Imports mgrow.errors,
+manifest, mixing, arch.widen, arch.plans, arch.stages and arch.twins (template-mixed
+twins); torchvision always, timm only when a timm name is asked for (`mgrow[timm]`).
 """
 
 from __future__ import annotations
@@ -107,6 +107,32 @@ def _construct(arch: ArchSpec) -> nn.Module:
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise MgrowError(f"{arch.name}: the builder refused its options {options}: "
                          f"{str(e).splitlines()[0][:200]}") from None
+
+
+# width options of builders (and their defaults): a grown net may be what one builds wider
+WIDTH_OPTIONS = {"width_mult": 1.0, "alpha": 1.0, "width_per_group": 64,
+                 "channel_multiplier": 1.0}
+
+
+def wider_builder(arch: ArchSpec) -> dict | None:
+    """Return the builder options (one width option multiplied by the growth factor) under
+    which the builder itself makes a network with exactly the tensors of `arch`, a grown
+    builder's network, so its plain state_dict loads strictly into the builder's own net;
+    None when no width option does (torchvision's mobilenet_v2 x2 is
+    mobilenet_v2(width_mult=2.0); a grown resnet18 has no such builder)."""
+    g = int(arch.width)
+    if not is_traced(arch.name) or g < 2:
+        return None
+    want = {k: tuple(v.shape) for k, v in build_traced(arch, meta=True).state_dict().items()}
+    for key, default in WIDTH_OPTIONS.items():
+        options = {**arch.options, key: arch.options.get(key, default) * g}
+        try:
+            net = _on_meta(arch.model_copy(update={"width": 1.0, "options": options}))
+        except MgrowError:
+            continue
+        if {k: tuple(v.shape) for k, v in net.state_dict().items()} == want:
+            return options
+    return None
 
 
 def build_traced(arch: ArchSpec, seed: int = 0, meta: bool = False,

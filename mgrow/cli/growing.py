@@ -103,7 +103,9 @@ def _normalisation(mean: str | None, std: str | None
 def export(bundle: Bundle, output: Output, force: Force = False):
     """Write the plain network (weights generated, no templates) for deployment: a
     safetensors state_dict, or with an output ending in .pt2 a torch.export program that
-    loads without mgrow (torch.export.load(OUTPUT).module())."""
+    loads without mgrow (torch.export.load(OUTPUT).module()). A grown builder's network
+    that the builder itself makes under a wider width option (mobilenet_v2 x2:
+    width_mult=2.0) is named: its state_dict loads strictly into that network."""
     from ..bundle import export_plain, export_program
     if Path(output).suffix == ".pt2":
         path = export_program(bundle, output, force)
@@ -112,6 +114,16 @@ def export(bundle: Bundle, output: Output, force: Force = False):
         return
     path = export_plain(bundle, output, force)
     print(f"wrote {path} (plain state_dict; load with safetensors.torch.load_file)")
+    from ..arch.zoo import wider_builder
+    from ..bundle import read_manifest
+    arch = read_manifest(path).arch
+    options = wider_builder(arch)
+    if options is not None:  # the builder's own wider network takes it as it is
+        kind, _, name = arch.name.partition(":")
+        call = "torchvision.models.get_model" if kind == "torchvision" else "timm.create_model"
+        args = ", ".join(f"{k}={v!r}" for k, v in {"num_classes": arch.num_classes,
+                                                   **options}.items())
+        print(f"it loads strictly into {call}({name!r}, {args})")
 
 
 @app.command()
