@@ -6,8 +6,8 @@ mgrow.arch.widen observes one. `apply` grows a network along it by a method: net
 unit copied, a read axis's copies share the old weight), zero (new units' fan-out zero),
 random. Shapes only on the meta device.
 
-Owns `Axis`, `Plan`, `apply`, `grow_tensor`, `interleave`, `METHODS`. Imports mgrow.errors
-only.
+Owns `Axis`, `Plan`, `apply`, `grow_tensor`, `take`, `interleave`, `METHODS`. Imports
+mgrow.errors only.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def interleave(n: int, g: int) -> torch.Tensor:
     return torch.arange(n * g) // g
 
 
-def _take(t: torch.Tensor, axes: list[Axis] | tuple[Axis, ...]) -> torch.Tensor:
+def take(t: torch.Tensor, axes: list[Axis] | tuple[Axis, ...]) -> torch.Tensor:
+    """Return `t` with every grown axis taken: new index k is old index `index[k]`."""
     for a in axes:
         t = t.index_select(a.dim, a.index.to(t.device))
     return t
@@ -85,7 +86,7 @@ def grow_tensor(t: torch.Tensor, axes: list[Axis], method: str, noise: float,
                 gen: torch.Generator | None) -> torch.Tensor:
     """Return `t` grown along `axes` by `method` (see `apply`); `gen` draws the noise and
     the new units' weights (unused by net2net at noise 0)."""
-    new = _take(t, axes)
+    new = take(t, axes)
     if t.is_meta or not new.is_floating_point():
         return new
 

@@ -3,11 +3,11 @@
 mgrow.arch.widen watches a probe copy of the network run and grows every channel axis by
 g, whatever Python code wires its layers; this module turns that into `fuse`'s output:
 `net2net` (every unit copied, its readers share the weight: the function is kept, also
-with --noise, which perturbs the shares; a template-mixed member grows as the plain network
-it computes), `zero` (new units with zero fan-out: the function
-is kept unless a LayerNorm or GroupNorm averages over grown channels), `random`; and the
-tensors of a template-mixed twin's MixtureGrowth besides its coefficients and banks
-(`carried`: what growth.mixture takes from the members along the plan).
+with --noise, which perturbs the shares), `zero` (new units with zero fan-out: the function
+is kept unless a LayerNorm or GroupNorm averages over grown channels), `random`; a
+template-mixed member grows as the plain network it computes. Also the tensors of a
+template-mixed twin's MixtureGrowth besides its coefficients and banks (`carried`: what
+growth.mixture takes from the members along the plan).
 
 Owns `grow`, `carried`, `plain_network`. Imports mgrow.arch (build, widen, plans, twins),
 bundle, errors, manifest, mixing.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import build, empty
-from ..arch.plans import METHODS, _take, apply
+from ..arch.plans import METHODS, apply, take
 from ..arch.twins import copies
 from ..arch.widen import plan
 from ..bundle import Bundle
@@ -89,7 +89,7 @@ def carried(members: list[Bundle], factor: int, skeleton: torch.nn.Module
             out[key] = (torch.stack(parts).mean(0) if parts[0].is_floating_point()
                         else parts[0].clone())
             continue
-        grown = [_take(t, axes) for t in parts]
+        grown = [take(t, axes) for t in parts]
         copy, same = None, torch.ones((), dtype=torch.bool)
         for a in axes:
             shape = [1] * ref.dim()
