@@ -1,7 +1,7 @@
 """Width growth across the zoo: every torchvision classifier and a timm sample, grown by g.
 
     python benchmarks/zoo.py [--factor 2] [--input-size 64] [--only NAME,...]
-                             [--timm NAME,...] [--out benchmarks/results/zoo.md]
+                             [--timm NAME,...] [--mixture] [--out benchmarks/results/zoo.md]
 
 For each builder (`torchvision.models.list_models(module=torchvision.models)`, 80 of them,
 then `timm.create_model` for the timm sample; never pretrained, 10 classes, eval mode):
@@ -14,6 +14,10 @@ parameters before and after, the peak resident memory of the run above its start
 where `torch_pruning` is importable, whether Torch-Pruning's
 `DependencyGraph().build_dependency(model, example_inputs=x)` builds for the same model
 (and how many pruning groups it finds): the coverage the issue asks us to compare.
+With `--mixture`, also MixtureGrowth of two template-mixed twins of the builder (seeds 0
+and 1, constant tensors made random): `mixture err` is the relative error of the grown
+net's logits (`--init zero`) against the members' mean, which holds exactly where no norm
+averages over grown channels (BatchNorm nets) and not under LayerNorm/GroupNorm.
 
 Each model runs in its own forked process, so one that crashes or runs out of memory is a
 row, not the end of the run (`--in-process` turns this off). Status `grown` means the net2net
@@ -71,11 +75,11 @@ def liven(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def build(kind: str, name: str, size: int) -> tuple[nn.Module, int]:
-    """Return the builder's network (10 classes, no weights) and the input size it takes."""
+def options(kind: str, name: str, size: int) -> tuple[dict, int]:
+    """Return the builder options the model needs at `size` px, and the size it takes."""
     size = max(size, MIN_SIZE.get(name, 0))
+    kw: dict = {}
     if kind == "torchvision":
-        kw: dict = {}
         vit = re.fullmatch(r"vit_[bhl]_(\d+)", name)
         if vit:
             patch = int(vit.group(1))
@@ -83,12 +87,50 @@ def build(kind: str, name: str, size: int) -> tuple[nn.Module, int]:
             kw["image_size"] = size
         if name == "maxvit_t":
             kw["input_size"] = (size, size)
-        return torchvision.models.get_model(name, weights=None, num_classes=10, **kw), size
+        return kw, size
     import timm
     try:
-        return timm.create_model(name, pretrained=False, num_classes=10, img_size=size), size
+        timm.create_model(name, pretrained=False, num_classes=10, img_size=size)
+        return {"img_size": size}, size
     except TypeError:  # a convolutional net: no img_size
-        return timm.create_model(name, pretrained=False, num_classes=10), size
+        return {}, size
+
+
+def build(kind: str, name: str, size: int) -> tuple[nn.Module, int]:
+    """Return the builder's network (10 classes, no weights) and the input size it takes."""
+    kw, size = options(kind, name, size)
+    if kind == "torchvision":
+        return torchvision.models.get_model(name, weights=None, num_classes=10, **kw), size
+    import timm
+    return timm.create_model(name, pretrained=False, num_classes=10, **kw), size
+
+
+def mixture_error(kind: str, name: str, factor: int, size: int, x: torch.Tensor) -> float:
+    """Return the relative error of MixtureGrowth (`--init zero`) of two template-mixed twins
+    of the builder against the members' mean logits (the bundles stay in memory)."""
+    from mgrow.arch import build as build_net
+    from mgrow.arch import empty
+    from mgrow.bundle import Bundle
+    from mgrow.growth import fuse
+    from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec
+    kw, size = options(kind, name, size)
+    arch = ArchSpec(name=f"{kind}:{name}", num_classes=10, input_size=size,
+                    options={k: v for k, v in kw.items() if k != "input_size"})
+    members, logits = [], []
+    for seed in (0, 1):
+        model = liven(build_net(arch, MixingSpec(), seed=seed).eval(), seed)
+        with torch.no_grad():
+            logits.append(model(x))
+        manifest = Manifest(arch=arch, mixing=MixingSpec(), lineage=Lineage(
+            operation="init", options={"seed": seed}))
+        tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        members.append(Bundle(manifest, tensors, Path(f"member{seed}"), str(seed) * 64))
+        del model
+    grown = fuse(members, factor=factor, init="zero", method="mixture")
+    net = empty(grown.manifest.arch, grown.manifest.mixing)
+    net.load_state_dict(grown.tensors, strict=True)
+    with torch.no_grad():
+        return rel(net.eval()(x), (logits[0] + logits[1]) / 2)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,7 +164,7 @@ def one_line(e: BaseException) -> str:
 
 
 def measure(kind: str, name: str, factor: int, size: int, tp_gb: float = 4.0,
-            send=None) -> dict:
+            send=None, mixture: bool = False) -> dict:
     """Build, plan, grow one model; every failure is a field of the returned row. `send`,
     if given, gets the row once growth is measured, before torch-pruning runs."""
     row: dict = {"model": f"{kind}:{name}", "status": "", "reason": ""}
@@ -160,6 +202,10 @@ def measure(kind: str, name: str, factor: int, size: int, tp_gb: float = 4.0,
         del zero
         ok = row["net2net_err"] <= TOL
         row["status"] = "grown" if ok else "INEXACT"
+        if mixture:
+            t = time.perf_counter()
+            row["mixture_err"] = mixture_error(kind, name, factor, size, x)
+            row["mixture_s"] = time.perf_counter() - t
     except MgrowError as e:
         row.update(status="refused", reason=one_line(e))
     except Exception as e:  # noqa: BLE001 - anything but MgrowError is an engine bug
@@ -220,17 +266,18 @@ def pruning_coverage(model: nn.Module, x: torch.Tensor, gb: float, seconds: int 
 
 def _child(conn, *args) -> None:
     try:
-        conn.send(measure(*args, send=conn.send))
+        conn.send(measure(*args[:-1], send=conn.send, mixture=args[-1]))
     finally:
         conn.close()
 
 
-def run_isolated(kind: str, name: str, factor: int, size: int, tp_gb: float) -> dict:
+def run_isolated(kind: str, name: str, factor: int, size: int, tp_gb: float,
+                 mixture: bool = False) -> dict:
     """Run `measure` in a forked process; a crash or a kill becomes the row's status (or
     torch-pruning's, where the growth was already measured)."""
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, kind, name, factor, size, tp_gb))
+    proc = ctx.Process(target=_child, args=(child, kind, name, factor, size, tp_gb, mixture))
     proc.start()
     child.close()
     row = None
@@ -254,12 +301,13 @@ def _num(v, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
-COLUMNS = ["model", "px", "status", "net2net err", "zero err", "plan s", "apply s",
+COLUMNS = ["model", "px", "status", "net2net err", "zero err", "mixture err", "plan s", "apply s",
            "params M", "grown M", "x", "peak MB", "torch-pruning", "reason"]
 
 
-def table(rows: list[dict], with_tp: bool) -> str:
-    cols = [c for c in COLUMNS if with_tp or c != "torch-pruning"]
+def table(rows: list[dict], with_tp: bool, with_mixture: bool = False) -> str:
+    cols = [c for c in COLUMNS if (with_tp or c != "torch-pruning")
+            and (with_mixture or c != "mixture err")]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         p0, p1 = r.get("params"), r.get("grown_params")
@@ -274,6 +322,7 @@ def table(rows: list[dict], with_tp: bool) -> str:
             "model": r["model"], "px": _num(r.get("size"), "d"), "status": r["status"],
             "net2net err": _num(r.get("net2net_err"), ".1e"),
             "zero err": _num(r.get("zero_err"), ".1e"),
+            "mixture err": _num(r.get("mixture_err"), ".1e"),
             "plan s": _num(r.get("plan_s"), ".2f"), "apply s": _num(r.get("apply_s"), ".2f"),
             "params M": _num(p0 and p0 / 1e6, ".2f"), "grown M": _num(p1 and p1 / 1e6, ".2f"),
             "x": _num(p1 and p0 and p1 / p0, ".2f"), "peak MB": _num(r.get("peak_mb"), ".0f"),
@@ -314,6 +363,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--tp-memory-gb", type=float, default=4.0,
                    help="address space torch-pruning may add (its group enumeration)")
+    p.add_argument("--mixture", action="store_true", help="also grow two template-mixed "
+                   "twins by MixtureGrowth (--init zero) against their mean logits")
     p.add_argument("--in-process", action="store_true",
                    help="do not fork per model (peak MB is then a lower bound)")
     a = p.parse_args()
@@ -336,7 +387,7 @@ def main() -> None:
     rows = []
     for kind, name in jobs:
         t = time.perf_counter()
-        row = run(kind, name, a.factor, a.input_size, a.tp_memory_gb)
+        row = run(kind, name, a.factor, a.input_size, a.tp_memory_gb, mixture=a.mixture)
         rows.append(row)
         print(f"{row['model']:40s} {row['status']:12s} {time.perf_counter() - t:6.1f} s "
               f"{row.get('reason', '')[:100]}", file=sys.stderr, flush=True)
@@ -358,7 +409,7 @@ def main() -> None:
          f"torch threads; {versions}. Errors are relative (logits, 2 random images, "
          "constant tensors given random values); `x` is grown / original parameters."),
         "",
-        table(rows, with_tp),
+        table(rows, with_tp, a.mixture),
         "",
         summary(rows, with_tp),
         "",
