@@ -251,3 +251,16 @@ def test_export_names_the_builders_own_wider_network(tmp_path):
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             assert _relative(wide(x), net.eval()(x)) <= 1e-5
+
+
+def test_a_timm_twin_learns_real_cifar10(tiny_cifar, tmp_path):
+    """A second builder's network (timm's ResNet-10-T, template-mixed by default) on real
+    CIFAR-10 images: the training loss falls over two epochs."""
+    import re
+    out = tmp_path / "r10.safetensors"
+    r = run_main("train", "--arch", "timm:resnet10t", "--data", f"npz:{tiny_cifar}",
+                 "--epochs", 2, "--lr", 0.05, "--batch-size", 50, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert load(out).manifest.mixing is not None
+    losses = [float(v) for v in re.findall(r"epoch \d/2\s+loss ([\d.]+)", r.stdout + r.stderr)]
+    assert len(losses) == 2 and losses[1] < losses[0] - 0.05, r.stdout + r.stderr
