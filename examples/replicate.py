@@ -273,8 +273,15 @@ class Runner:
         return float(known[1])
 
     def small_arch(self) -> ArchSpec:
-        """The half-width net's architecture (classes and input size from the data)."""
-        return load(self.train("small", 0.5, self.s["epochs"])).manifest.arch
+        """The half-width net's architecture (classes and input size from the data), as
+        `train` makes it: read from its bundle where trained, else from the data alone (a
+        row recorded by another machine is not retrained just to read this)."""
+        if self.path("small").exists():
+            return load(self.path("small")).manifest.arch
+        d = self.source.load().spec
+        return ArchSpec(name=self.s["arch"], width=0.5 * self.width, num_classes=d.num_classes,
+                        in_channels=d.channels, input_size=d.input_size,
+                        norm=self.s.get("norm", "every"))
 
     def budget_epochs(self) -> float:
         """Epochs of the half-width net that cost the growth budget (Small Match)."""
