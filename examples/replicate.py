@@ -39,6 +39,10 @@ number comes with its ledger. Rows:
   mg-best         the best recipe measured (BEST below) under the same post-growth rule
   ROW-lr-X        any growth row finetuned at peak lr X instead of the rule's (the same
                   grown net: net2net-lr-0.02 finetunes net2net.grown); to choose the rule
+The builder scales (`mbv2-cpu`: torchvision's MobileNetV2; `builder-tiny` for CI) grow a
+torchvision/timm network by 2 (small is the builder's net, large its grown layout trained
+from scratch) and default to the rows its growth takes: small, mg, random, net2net,
+large, small-match, large-match.
 The ImageNet scales (`imagenet`, and `imagenet-tiny` for CI on a generated image folder)
 grow resnet50 at half width into resnet50 on a streamed image folder (train/ and val/,
 RandomResizedCrop + flip, Resize + CenterCrop at the scale's input size) and default to
@@ -109,8 +113,18 @@ SCALES = {  # arch (full width), train subset, E = epochs of a full run, batch, 
     "imagenet-tiny": dict(arch="resnet50", width=0.25, subset=None, epochs=1, batch=20,
                           budget=0.35, point=0.8, input_size=32, workers=0,
                           schedule="step"),
+    # a builder's network (issue 22, item 8): torchvision's MobileNetV2 at width_mult 0.5
+    # grown by 2 (a traced net's widths are whole factors: small is width 1, large width 2,
+    # the builder's own layout doubled), template-mixed twins, on 10,000 CIFAR-10 images
+    "mbv2-cpu": dict(arch="torchvision:mobilenet_v2", options={"width_mult": 0.5}, width=2.0,
+                     subset=10000, epochs=10, batch=128, budget=0.45, point=0.8),
+    # its code path in CI: timm's ResNet-10-T, 300 images, one epoch
+    "builder-tiny": dict(arch="timm:resnet10t", width=2.0, subset=300, epochs=1, batch=50,
+                         budget=0.45, point=0.8),
 }
 IMAGENET_ROWS = ("small", "large", "large-match", "random", "net2net", "mg")
+# a builder's network (torchvision:, timm:): the rows its growth takes (no gradmax/firefly yet)
+BUILDER_ROWS = ("small", "mg", "random", "net2net", "large", "small-match", "large-match")
 # in the order they run: the question first (mg against the growth baselines, which need only
 # `small`), then the references, so a run cut short by a session's end has answered the most
 # it could
@@ -193,7 +207,8 @@ class Runner:
                 MixingSpec() if mixed else None
             train_new(self.s["arch"], self.source, self.cfg(epochs), self.path(name),
                       mixing=mixing, width=width * self.width,
-                      norm=self.s.get("norm", "every"), **self.run_options(name))
+                      norm=self.s.get("norm", "every"), options=self.s.get("options"),
+                      **self.run_options(name))
         return self.path(name)
 
     def sibling(self, point: float, start: str = "small") -> Path:
@@ -281,7 +296,7 @@ class Runner:
         d = self.source.load().spec
         return ArchSpec(name=self.s["arch"], width=0.5 * self.width, num_classes=d.num_classes,
                         in_channels=d.channels, input_size=d.input_size,
-                        norm=self.s.get("norm", "every"))
+                        norm=self.s.get("norm", "every"), options=self.s.get("options", {}))
 
     def budget_epochs(self) -> float:
         """Epochs of the half-width net that cost the growth budget (Small Match)."""
@@ -366,7 +381,8 @@ def estimate(scale: dict, data: str, steps: int = 3) -> dict[str, float]:
     n = scale["subset"] or len(d.train_y)
     x, y = next(batches(d, True, scale["batch"], 0, 0))
     norm = scale.get("norm", "every")
-    small, large = (ArchSpec(name=scale["arch"], width=w, norm=norm) for w in (0.5, 1.0))
+    small, large = (ArchSpec(name=scale["arch"], width=w * scale.get("width", 1.0), norm=norm,
+                             options=scale.get("options", {})) for w in (0.5, 1.0))
     fresh = [Bundle(Manifest(arch=small, mixing=MixingSpec(), lineage=Lineage(operation="init")),
                     build(small, MixingSpec(), seed=s).state_dict(), Path("x"), str(s) * 64)
              for s in (1, 2)]  # (valid, distinct sha256s for the lineage; nothing is written)
@@ -525,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--scale {a.scale} needs --data imagefolder:FOLDER (train/CLASS/*.jpg and "
                 "val/CLASS/*.jpg; examples/image_folder.py writes a small one)")
     a.data = a.data or f"npz:{os.path.relpath(CIFAR, ROOT)}"
-    main_rows = IMAGENET_ROWS if imagenet else MAIN
+    main_rows = IMAGENET_ROWS if imagenet else BUILDER_ROWS if ":" in scale["arch"] else MAIN
     if a.estimate:
         secs = estimate(scale, load_spec(a.data))
         for name, v in secs.items():

@@ -230,3 +230,27 @@ def test_rows_another_run_records_meanwhile_are_kept(tiny_cifar, tmp_path, monke
               "--data", f"npz:{tiny_cifar}"])
     runs = {(r["seed"], r["row"]) for r in json.loads((out / "results.json").read_text())["runs"]}
     assert runs == {(0, "small"), (0, "small-plain"), (5, "large")}
+
+
+def test_a_builders_network_replicates(tiny_cifar, tmp_path):
+    """The builder scale's code path (issue 22, item 8): timm's ResNet-10-T, template-mixed,
+    grown by MixtureGrowth with a sibling and by net2net, each within the growth budget,
+    from the very small net the row records."""
+    from mgrow.bundle import load
+    rep = _replicate()
+    out = tmp_path / "rep"
+    rep.main(["--scale", "builder-tiny", "--rows", "small,mg,net2net", "--out", str(out),
+              "--quiet", "--data", f"npz:{tiny_cifar}"])
+    runs = {r["row"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs) == {"small", "mg", "net2net"}
+    scale = rep.SCALES["builder-tiny"]
+    step = scale["batch"] / scale["subset"] / scale["epochs"]
+    small = load(out / "seed0/small.safetensors")
+    assert small.manifest.arch.width == 1 and small.manifest.mixing is not None
+    for name in ("mg", "net2net"):
+        r = runs[name]
+        assert abs(r["flops_norm"] - scale["budget"]) <= step / 2 + 1e-9, (name, r)
+        assert r["start_sha256"] == rep.weights_sha(small.path)
+        grown = load(out / f"seed0/{name}.grown.safetensors")
+        assert grown.manifest.arch.width == 2 and grown.manifest.arch.name == "timm:resnet10t"
+        assert (grown.manifest.mixing is not None) == (name == "mg")
