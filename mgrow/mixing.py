@@ -172,9 +172,12 @@ class Twin(Banked):
 
     def generated(self) -> torch.Tensor:
         w = mix(self.alpha, self.bank, self.axis)
-        for dim, index in enumerate(self.order):
+        moved = self.__dict__.setdefault("_order_on", {})  # the order on each device the
+        if w.device not in moved:  # weight has been on (moved once, not every forward)
+            moved[w.device] = tuple(None if i is None else i.to(w.device) for i in self.order)
+        for dim, index in enumerate(moved[w.device]):
             if index is not None:
-                w = w.index_select(dim, index.to(w.device))
+                w = w.index_select(dim, index)
         return w
 
 
