@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import MgrowError
 from ..manifest import MixingSpec
-from ..mixing import Role, init_weight_, random_orthogonal, twin_class
+from ..mixing import Role, init_weight_, mixed_layers, random_orthogonal, twin_class
 from .plans import Plan
 
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
@@ -104,8 +104,9 @@ def twin(model: nn.Module, mixing: MixingSpec, shape: tuple[int, ...],
     if plan is not None and plan.factor != mixing.factor:
         raise MgrowError(f"a network grown by {plan.factor} cannot hold a grid of "
                          f"{mixing.factor} x {mixing.factor} tiles")
-    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):  # it would call or
-        raise MgrowError(f"a network whose top module is an nn.{type(model).__name__} "  # list
+    # a container at the top would run (or list) the banks as one of its layers
+    if isinstance(model, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        raise MgrowError(f"a network whose top module is an nn.{type(model).__name__} "
                          "cannot hold template banks (its banks would be one of its layers)")
     ran = _call_order(model, shape)
     stem, head = (ran[0], ran[-1]) if ran else (None, None)
@@ -147,9 +148,8 @@ def init_twin(model: nn.Module, gen: torch.Generator) -> None:
     """Initialise a twin's banks and coefficients afresh, as mgrow's own families are
     (templates drawn like plain weights, each bank's layers orthonormal coefficient rows)."""
     layers: dict[int, list[nn.Module]] = {}
-    for m in model.modules():
-        if hasattr(m, "bank_index") and hasattr(m, "mixed_attr"):
-            layers.setdefault(m.bank_index, []).append(m)
+    for m in mixed_layers(model).values():
+        layers.setdefault(m.bank_index, []).append(m)
     with torch.no_grad():
         for n, bank in enumerate(model.banks):
             for member in bank:
