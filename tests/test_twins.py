@@ -264,3 +264,18 @@ def test_a_timm_twin_learns_real_cifar10(tiny_cifar, tmp_path):
     assert load(out).manifest.mixing is not None
     losses = [float(v) for v in re.findall(r"epoch \d/2\s+loss ([\d.]+)", r.stdout + r.stderr)]
     assert len(losses) == 2 and losses[1] < losses[0] - 0.05, r.stdout + r.stderr
+
+
+def test_a_fresh_wide_builders_net_is_the_builders_own_where_one_exists():
+    """Built wide from scratch (Large), a builder's network takes the builder's own
+    initialisation where a width option makes its tensors (mobilenet_v2 x2: width_mult
+    2.0), exactly as the builder seeded alike; otherwise (resnet18 x2) every layer's own."""
+    arch = ArchSpec(name="torchvision:mobilenet_v2", width=2, num_classes=10, input_size=32)
+    net = build(arch, seed=5)
+    torch.manual_seed(5)
+    want = torchvision.models.mobilenet_v2(num_classes=10, width_mult=2.0)
+    for key, value in want.state_dict().items():
+        assert torch.equal(net.state_dict()[key], value), key
+    wide = build(ArchSpec(name="torchvision:resnet18", width=2, input_size=32), seed=5)
+    assert build(ArchSpec(name="torchvision:resnet18", width=2, input_size=32), meta=True
+                 ).state_dict().keys() == wide.state_dict().keys()

@@ -120,10 +120,17 @@ def wider_builder(arch: ArchSpec) -> dict | None:
     builder's network, so its plain state_dict loads strictly into the builder's own net;
     None when no width option does (torchvision's mobilenet_v2 x2 is
     mobilenet_v2(width_mult=2.0); a grown resnet18 has no such builder)."""
-    g = int(arch.width)
-    if not is_traced(arch.name) or g < 2:
+    if not is_traced(arch.name) or int(arch.width) < 2:
         return None
-    want = {k: tuple(v.shape) for k, v in build_traced(arch, meta=True).state_dict().items()}
+    return _wider(arch, build_traced(arch, meta=True))
+
+
+def _wider(arch: ArchSpec, grown: nn.Module) -> dict | None:
+    """wider_builder, given the grown network (any device)."""
+    g = int(arch.width)
+    if arch.depths is not None:  # the builder does not make the appended blocks
+        return None
+    want = {k: tuple(v.shape) for k, v in grown.state_dict().items()}
     for key, default in WIDTH_OPTIONS.items():
         options = {**arch.options, key: arch.options.get(key, default) * g}
         try:
@@ -139,8 +146,10 @@ def build_traced(arch: ArchSpec, seed: int = 0, meta: bool = False,
                  mixing: MixingSpec | None = None) -> nn.Module:
     """Return the network `arch` names, initialised by its builder (seeded) or on the meta
     device; at width g > 1, grown along the observed plan (mgrow.arch.widen) and, unless
-    on the meta device, initialised afresh by every layer's own `reset_parameters` (class
-    tokens and position embeddings keep the builder's values, each copied g times).
+    on the meta device, initialised afresh: as the builder's own wider network where one
+    width option makes exactly these tensors (wider_builder: mobilenet_v2 x2 is
+    width_mult=2.0), else by every layer's own `reset_parameters` (class tokens and
+    position embeddings keep the builder's values, each copied g times).
 
     `mixing`: its template-mixed twin (arch.twins), with a grid of g x g tiles when
     mixing.factor is the width g (a grown net) or of one tile (factor 1). Initialised, an
@@ -173,9 +182,13 @@ def build_traced(arch: ArchSpec, seed: int = 0, meta: bool = False,
         return model if mixing is None else twin(model, mixing, shape, grid)
     if g > 1:
         model = apply(model, steps)
-        with torch.random.fork_rng(devices=[]):  # a fresh wide net: every layer's own init
-            torch.manual_seed(seed)  # (nn.MultiheadAttention's is the private one)
-            for m in model.modules():
+        wider = _wider(arch, model) if grid is None else None
+        with torch.random.fork_rng(devices=[]):  # a fresh wide net: the builder's own wider
+            torch.manual_seed(seed)  # network where a width option makes it, else every
+            if wider is not None:  # layer's own init (MultiheadAttention's is private)
+                model = _construct(arch.model_copy(update={"width": 1.0,
+                                                           "options": wider})).eval()
+            for m in model.modules() if wider is None else ():
                 reset = getattr(m, "reset_parameters", getattr(m, "_reset_parameters", None))
                 if reset is not None and any(True for _ in m.parameters(False)):
                     reset()
