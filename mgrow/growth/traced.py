@@ -85,18 +85,19 @@ def carried(members: list[Bundle], factor: int, skeleton: torch.nn.Module
             continue
         parts = [b.tensors[key] for b in members]
         axes = steps.axes.get(key, [])
-        if not any(len(a.index) > int(a.index.max()) + 1 for a in axes):  # none grown
+        grown_axes = [a for a in axes if len(a.index) > int(a.index.max()) + 1]
+        if not grown_axes:  # the classifier's bias: the members' mean
             out[key] = (torch.stack(parts).mean(0) if parts[0].is_floating_point()
                         else parts[0].clone())
             continue
         grown = [take(t, axes) for t in parts]
-        copy, same = None, torch.ones((), dtype=torch.bool)
-        for a in axes:
+        ks = []  # each grown axis's copy numbers, broadcast along its dim
+        for a in grown_axes:
             shape = [1] * ref.dim()
             shape[a.dim] = len(a.index)
-            k = copies(a.index).view(shape)
-            same = same & (k == copy) if copy is not None else same
-            copy = k if copy is None else copy
+            ks.append(copies(a.index).view(shape))
+        same = torch.stack(torch.broadcast_tensors(*ks)).eq(ks[0]).all(0)
+        copy = ks[0]
         owner = torch.where(same, copy % m, -1).expand(ref.shape)
         value = torch.zeros(ref.shape, dtype=parts[0].dtype)
         for j, t in enumerate(grown):
