@@ -123,7 +123,9 @@ def test_copy_duplicates_the_last_block_and_refuses_a_shape_change(tmp_path):
 
 @pytest.mark.parametrize("name,mixing,kw,message", [
     ("torchvision:mobilenet_v2", PLAIN, {}, "no stage of residual blocks"),
-    ("torchvision:resnet18", MIXED, {"init": "mixture"}, "residual network deepens by zero"),
+    ("torchvision:resnet18", MIXED, {"init": "identity"},
+     "residual network deepens by zero .*, copy or mixture"),
+    ("torchvision:resnet18", PLAIN, {"init": "mixture"}, "plain; --init mixture mixes"),
     ("vgg11_bn", PLAIN, {"init": "zero"}, "identity \\(Net2DeeperNet\\) is the one way"),
     ("wrn-10-1", PLAIN, {"init": "identity"}, "x \\+ f\\(x\\) is the identity when f is 0"),
     ("vgg11_bn", MIXED, {"stage": 4}, r"features.\d+: the new blocks would change which layers"),
@@ -350,8 +352,10 @@ def test_a_stage_without_an_identity_block_is_refused(tmp_path):
         deepen(b, 1, "last")
     with pytest.raises(MgrowError, match=r"--stage 9: expected 1..7 \(features.1, "):
         deepen(b, 1, 9)
-    with pytest.raises(MgrowError, match="deepens by zero .* or copy"):
+    with pytest.raises(MgrowError, match="plain; --init mixture mixes a template-mixed"):
         deepen(b, 1, 4, "mixture")
+    with pytest.raises(MgrowError, match="deepens by zero .*, copy or mixture"):
+        deepen(b, 1, 4, "identity")
     # RepVGG's third branch is a BN of the input, not the input: no block to start at zero
     b = _traced(tmp_path, "timm:repvgg_a0", 32, {})
     with pytest.raises(MgrowError, match=r"stages.2.14: RepVggBlock has no residual branch "

@@ -197,7 +197,7 @@ def test_mixture_of_a_builders_net_through_the_commands(tmp_path):
                          a.model().eval()(x)) <= 1e-5
 
 
-@pytest.mark.parametrize("init", ["zero", "copy"])
+@pytest.mark.parametrize("init", ["zero", "copy", None])
 def test_a_twin_deepens_keeping_its_function_and_its_banks(tmp_path, init):
     """deepen of a builder's template-mixed twin: the logits are kept, the result is a
     twin again (rebuilt from its manifest), and every bank that serves the same layers as
@@ -222,6 +222,47 @@ def test_a_twin_deepens_keeping_its_function_and_its_banks(tmp_path, init):
             assert all(torch.equal(deep.tensors[f"{p}.alpha"], a.tensors[f"{p}.alpha"])
                        for p in names)
     assert kept >= len(old) - 4  # at most one bank a stage now also serves a new layer
+
+
+@pytest.mark.parametrize("name,size,options", [
+    ("torchvision:resnet18", 32, {}), ("timm:vit_tiny_patch16_224", 32, {"img_size": 32})])
+def test_a_twin_deepens_by_mixture_from_its_stage_templates(tmp_path, name, size, options):
+    """deepen's default for a twin: each new layer mixes templates its stage learned, with
+    coefficients orthogonal to the stage's layers sharing its bank at their mean norm,
+    except the layers that end a residual branch (zero coefficients: the function kept)."""
+    from mgrow.bundle import save
+    from mgrow.growth import deepen
+    from mgrow.mixing import mixed_layers
+    arch = ArchSpec(name=name, num_classes=10, input_size=size, options=options)
+    a, _ = _members(tmp_path, arch)
+    man, tensors, notes = deepen(a, 1, "all", seed=3)
+    assert man.lineage.options["init"] == "mixture"
+    deep = load(save(tmp_path / "deep.safetensors", man, tensors))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(deep.model().eval()(x), a.model().eval()(x))
+    old, new = mixed_layers(a.model()), mixed_layers(deep.model())
+    banks = [deep.tensors[f"banks.{n}"] for n in range(len(deep.model().banks))]
+    learned = [a.tensors[f"banks.{n}"] for n in range(len(a.model().banks))]
+    zeroed = [n.split(": zeroed ") for n in notes if ": zeroed " in n]
+    ends = {f"{p}.{e}" for p, es in zeroed for e in es.split(", ")}
+    mixed = 0
+    for k, layer in new.items():
+        if k in old:
+            continue
+        alpha = deep.tensors[f"{k}.alpha"]
+        if k in ends:
+            assert not alpha.any(), k
+            continue
+        bank = banks[layer.bank_index]  # templates the stage learned, carried
+        assert any(torch.equal(bank[:, :t.shape[1]], t[:, :bank.shape[1]]) for t in learned), k
+        peers = [p for p, v in new.items() if v.bank_index == layer.bank_index and p in old]
+        for p in peers:
+            ref = deep.tensors[f"{p}.alpha"][..., :alpha.shape[-1]]
+            assert (alpha * ref).sum(-1).abs().max() <= 1e-5, (k, p)
+        assert alpha.norm(dim=-1).min() > 0.1
+        mixed += 1
+    assert mixed >= 2
 
 
 def test_export_names_the_builders_own_wider_network(tmp_path):

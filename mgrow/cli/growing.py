@@ -224,7 +224,8 @@ def deepen(
         "last, last, or all (every stage).")] = "last",
     init: Annotated[Optional[DeepInit], typer.Option(
         "--init", help="New blocks: zero (fresh, the residual output zeroed), copy (the "
-        "stage's last block copied, its residual output zeroed; plain nets), mixture "
+        "stage's last block copied, its residual output zeroed; plain nets and builders' "
+        "twins), mixture "
         "(new coefficients over the stage's learned templates, orthogonal to its layers'; "
         "template-mixed nets), identity (VGG: Net2DeeperNet's identity layers) [default: "
         "identity for VGG, mixture for a template-mixed net, else zero].",

@@ -30,6 +30,8 @@ Builders' residual networks (torchvision:, timm:) deepen by zero or copy along t
 arch.stages finds; a template-mixed twin deepens as the plain network it computes, then is
 decomposed again (mixing.decompose) keeping every bank whose layers are unchanged, and its
 coefficients, bit-equal (a bank that now also serves a new layer is decomposed afresh).
+A twin's default, mixture, then gives the new blocks' layers coefficients over the stage's
+templates as above and zeroes those of each layer that ends a residual branch.
 
 Owns `deepen`, `INITS`. Imports mgrow.arch, bundle, errors, footprint, limits, manifest,
 mixing and growth.traced (a twin's plain network).
@@ -64,7 +66,8 @@ def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise MgrowError(f"--blocks takes a whole number >= 1, not {blocks!r}")
     if is_traced(man.arch.name):
-        return _traced(bundle, blocks, stage, init or "zero", seed)
+        return _traced(bundle, blocks, stage, init or ("mixture" if man.mixing else "zero"),
+                       seed)
     old = depths(man.arch)
     stack = man.arch.name == "vgg11_bn"  # no residual: only the identity keeps the function
     init = init or ("identity" if stack else "mixture" if man.mixing else "zero")
@@ -89,6 +92,7 @@ def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
     _carry(source, model, state, same_blocks(man.arch, arch))
     gen = torch.Generator().manual_seed(seed)
     notes: list[str] = []
+    added = tuple(p for s in stages for p in news[s][len(olds[s]):])
     for s in stages:
         for path in news[s][len(olds[s]):]:
             if init == "identity":
@@ -97,7 +101,7 @@ def deepen(bundle: Bundle, blocks: int, stage: int | str | None = None,
             if init == "copy":
                 _copy(state, news[s][len(olds[s]) - 1], path, s)
             elif init == "mixture":
-                notes += _mix(model, state, path, news[s][:len(olds[s])], gen)
+                notes += _mix(model, state, path, news[s][:len(olds[s])], gen, added)
             _zero_residual(model, state, path, arch.name.startswith("wrn-"))
     with torch.no_grad():
         model.load_state_dict(state)
@@ -112,9 +116,12 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
             seed: int) -> tuple[Manifest, dict[str, torch.Tensor], list[str]]:
     """deepen for a builder's network: copies of a stage's last block (arch.stages)."""
     man = bundle.manifest
-    if init not in ("zero", "copy"):
+    if init not in ("zero", "copy", "mixture"):
         raise MgrowError(f"--init {init}: a builder's residual network deepens by zero "
-                         "(fresh blocks) or copy")
+                         "(fresh blocks), copy or mixture (a twin's)")
+    if init == "mixture" and man.mixing is None:
+        raise MgrowError(f"{bundle.path}: plain; --init mixture mixes a template-mixed net's "
+                         "templates (use zero or copy, or `mgrow convert` it first)")
     source = bundle.model().eval()
     model = source if man.mixing is None else plain_network(source, man.arch)
     stages = find_stages(model)
@@ -139,6 +146,7 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
             raise MgrowError(f"{stages[s][0]}: its last block ({type(last).__name__}) changes "
                              f"the shape {tuple(x.shape[1:])} -> {tuple(y.shape[1:])}, so a "
                              "copy of it cannot follow it: choose another --stage")
+    olds = [[_child(p, n) for n, _ in m.named_children()] for p, m in stages]
     new = tuple(len(m) + blocks * (s in chosen) for s, (_, m) in enumerate(stages))
     arch = man.arch.model_copy(update={"depths": new})
     size = (2, arch.in_channels, arch.input_size, arch.input_size)  # sized first: the deeper
@@ -147,11 +155,13 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
                  f"deepening {man.describe()} to {'-'.join(map(str, new))} blocks")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        added = extend(model, new, fresh=init == "zero")
-    notes = []
+        added = extend(model, new, fresh=init != "copy")
+    notes, zeroed, stage_of = [], [], {}
     for path in added:
-        s = next(k for k, (p, _) in enumerate(stages) if path.startswith(p + "."))
+        s = stage_of[path] = next(k for k, (p, _) in enumerate(stages)
+                                  if path.startswith(p + "."))
         ends = zero_residual(model.get_submodule(path), seen[s][1], path)
+        zeroed += [f"{path}.{e}" for e in ends]
         notes.append(f"{path}: zeroed {', '.join(ends)}")
     _compare(want, _logits(model, man.arch))
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
@@ -160,12 +170,40 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
         tensors = decompose(deep, tensors, torch.Generator().manual_seed(seed),  # same
                             keep=(source, bundle.tensors))  # layers; new ones decomposed
         twin = empty(arch, man.mixing, deep)
+        if init == "mixture":  # new layers mixed from the stage's learned templates
+            notes += _mix_twin(twin, tensors, added, [olds[stage_of[p]] for p in added],
+                               zeroed, torch.Generator().manual_seed(seed))
         twin.load_state_dict(tensors)
         _compare(want, _logits(twin.eval(), man.arch))
     options = {"blocks": blocks, "stages": [s + 1 for s in chosen], "init": init,
                "seed": seed, "depths": list(new), "notes": notes[:MAX_NOTES]}
     manifest = man.derived("deepen", options, (bundle.parent(),), arch=arch)
     return manifest, tensors, notes
+
+
+def _child(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _mix_twin(twin: torch.nn.Module, tensors: dict[str, torch.Tensor], added: list[str],
+              stage_blocks: list[list[str]], zeroed: list[str], gen: torch.Generator
+              ) -> list[str]:
+    """--init mixture of a deeper twin: each new block's layers get coefficients over
+    templates its stage learned (as _mix does for mgrow's families), then every layer that
+    ends a new block's residual branch gets zero coefficients again, so the branch outputs
+    zero. Only new layers' coefficients and banks serving new layers only change."""
+    mixed, notes = mixed_layers(twin), []
+    new = [k for k in mixed if any(k.startswith(p + ".") for p in added)]
+    for name in new:  # written in place below: never the bundle's own tensors
+        tensors[f"{name}.alpha"] = tensors[f"{name}.alpha"].clone()
+        bank = f"banks.{mixed[name].bank_index}"
+        tensors[bank] = tensors[bank].clone()
+    for path, blocks in zip(added, stage_blocks):
+        notes += _mix(twin, tensors, path, blocks, gen, tuple(added))
+    for end in zeroed:
+        if end in mixed:
+            tensors[f"{end}.alpha"].zero_()
+    return notes
 
 
 def _stages(stage: int | str | None, count: int, names: list[str] | None = None) -> list[int]:
@@ -291,15 +329,23 @@ def _zero_residual(model: torch.nn.Module, state: dict[str, torch.Tensor], path:
 
 
 def _mix(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str,
-         stage_blocks: list[str], gen: torch.Generator) -> list[str]:
-    """Give the new block `path`'s layers coefficients over templates the stage learned."""
+         stage_blocks: list[str], gen: torch.Generator, added: tuple[str, ...] = ()
+         ) -> list[str]:
+    """Give the new block `path`'s layers coefficients over templates the stage learned.
+    `added`: every new block (a bank shared with an old layer outside the stage is left as
+    it is: its templates are that layer's)."""
     mixed, notes = mixed_layers(model), []
     new = [k for k in mixed if k.startswith(path + ".")]
     old = [k for k in mixed if any(k.startswith(p + ".") for p in stage_blocks)]
+    fresh = {k for k in mixed if any(k.startswith(p + ".") for p in (path,) + added)}
     for name in new:
         layer = mixed[name]
         peers = [k for k, v in mixed.items() if v.bank_index == layer.bank_index]
         known = [k for k in peers if k in old]
+        if not known and any(k not in fresh for k in peers):
+            notes.append(f"{name}: shares a bank with a layer outside its stage; kept as "
+                         "decomposed")
+            continue
         if not known:  # a bank of new layers only: start it as the nearest learned one
             like = [k for k in old if type(mixed[k]) is type(layer)
                     and mixed[k].tile_shape == layer.tile_shape]
