@@ -14,7 +14,7 @@ import torchvision
 from conftest import run_main
 from mgrow.arch import build, empty
 from mgrow.arch.twins import copies, twin
-from mgrow.bundle import load, save_model
+from mgrow.bundle import load, save, save_model
 from mgrow.growth import fuse
 from mgrow.manifest import ArchSpec, Lineage, Manifest, MixingSpec
 from mgrow.mixing import decompose, generated, mixed_layers, plain_state_dict
@@ -171,6 +171,34 @@ def test_mixture_growth_of_builders_nets(tmp_path, name):
                 assert torch.equal(tile, own), (path, j)
 
 
+@pytest.mark.parametrize("name,factors", [("torchvision:resnet18", (2,)),  # x6: 400M weights
+                                          ("torchvision:mobilenet_v3_small", (2, 3))])
+def test_a_grown_twin_grows_again_by_mixture(tmp_path, name, factors):
+    """A grown twin fused again alone: its 2 x 2 grid is carried bit-equal (coefficients,
+    banks, and every other tensor at its old copies), new copies start from old blocks of
+    the same owner, and `--init zero` keeps its logits, by 2 and by 3."""
+    arch = ArchSpec(name=name, num_classes=10, input_size=32)
+    a, b = _members(tmp_path, arch)
+    first = fuse([a, b], factor=2, init="zero", method="mixture")
+    ab = load(save(tmp_path / "ab.safetensors", first.manifest, first.tensors))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ab.model().eval()(x)
+    for g in factors:
+        again = fuse([ab], factor=g, init="zero", method="mixture")
+        assert again.manifest.mixing.factor == 2 * g and again.manifest.arch.width == 2 * g
+        net = load(save(tmp_path / f"x{g}.safetensors", again.manifest, again.tensors))
+        with torch.no_grad():
+            assert _relative(net.model().eval()(x), want) <= 1e-5, g
+        for key, old in ab.tensors.items():
+            new = net.tensors[key]
+            if key.endswith(".alpha"):
+                new = new[:old.shape[0], :old.shape[1]]
+            elif not key.startswith("banks.") and old.dim() and new.shape != old.shape:
+                continue  # laid out by the new plan: checked through the logits
+            assert torch.equal(new, old), key
+
+
 def test_mixture_of_a_builders_net_through_the_commands(tmp_path):
     """fuse, save, rebuild from the manifest alone: the grown bundle's logits are the
     members' mean; what mixture does not take is refused in one line, nothing written."""
@@ -183,8 +211,11 @@ def test_mixture_of_a_builders_net_through_the_commands(tmp_path):
     with torch.no_grad():
         mean = (a.model().eval()(x) + b.model().eval()(x)) / 2
         assert _relative(load(out).model().eval()(x), mean) <= 1e-5
-    for args, message in [((out, "--factor", 2), "grows an ungrown one"),
-                          ((a.path, b.path, "--bn-correct"), "--bn-correct corrects mgrow's")]:
+    r = run_main("fuse", out, "--init", "zero", "-o", tmp_path / "abab.safetensors")
+    assert r.returncode == 0, r.stderr  # a grown twin grows again, alone
+    with torch.no_grad():
+        assert _relative(load(tmp_path / "abab.safetensors").model().eval()(x), mean) <= 1e-5
+    for args, message in [((a.path, b.path, "--bn-correct"), "--bn-correct corrects mgrow's")]:
         bad = tmp_path / "bad.safetensors"
         r = run_main("fuse", *args, "-o", bad)
         assert r.returncode != 0 and message in r.stderr, r.stderr

@@ -10,7 +10,7 @@ template-mixed twin's MixtureGrowth besides its coefficients and banks (`carried
 growth.mixture takes from the members along the plan).
 
 Owns `grow`, `carried`, `plain_network`. Imports mgrow.arch (build, widen, plans, twins),
-bundle, errors, manifest, mixing.
+bundle, errors, manifest, mixing and growth.grid.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..bundle import Bundle
 from ..errors import MgrowError
 from ..manifest import ArchSpec, Growth, Manifest
 from ..mixing import mixed_layers, plain_state_dict
+from .grid import old_block
 
 
 def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: int,
@@ -64,21 +65,29 @@ def plain_network(twin: torch.nn.Module, arch: ArchSpec) -> torch.nn.Module:
 
 def carried(members: list[Bundle], factor: int, skeleton: torch.nn.Module
             ) -> dict[str, torch.Tensor]:
-    """Return every tensor of the grown twin `skeleton` but its banks and coefficients:
-    along the plan (observed on the members' architecture), an entry whose grown axes are
-    all the c-th copies of their old channels is member (c mod m)'s; an entry that crosses
-    copies (a read axis's copy differs from a produced one's) is zero, so each member's
-    channels read only their own; a tensor with no grown axis (the classifier's bias) is
-    the members' mean; integer buffers are the first member's."""
+    """Return every tensor of the grown twin `skeleton` (a grid of `factor` x `factor`)
+    but its banks and coefficients, along the plan observed on the members' ungrown
+    architecture. First growth: an entry whose grown axes are all the c-th copies of their
+    old channels is member (c mod m)'s; an entry that crosses copies (a read axis's copy
+    differs from a produced one's) is zero, so each member's channels read only their own.
+    A grown twin grown again (alone, by `before`): copy k < before is carried from its own
+    copy k, a new copy k from copy old_block(k) (grid.old_block: a block of the same
+    owner); an entry is carried where all its copies are old or all are one, else zero.
+    A tensor with no grown axis (the classifier's bias) is the members' mean; integer
+    buffers are the first member's."""
     man = members[0].manifest
-    if man.arch.width != 1 or (man.mixing is not None and man.mixing.factor != 1):
-        raise MgrowError(f"{members[0].path}: a grown builder's network; --method mixture "
-                         "grows an ungrown one (its members at width 1)")
-    arch = man.arch
+    before = man.mixing.factor if man.mixing is not None else 1
+    if before == 1 and man.arch.width != 1:
+        raise MgrowError(f"{members[0].path}: a grown plain builder's network; --method "
+                         "mixture grows template-mixed twins (net2net grows it as it is)")
+    arch = man.arch.model_copy(update={"width": 1.0})
     example = torch.zeros(2, arch.in_channels, arch.input_size, arch.input_size)
-    steps = plan(build(arch), factor, example)
+    base = build(arch)
+    steps = plan(base, factor, example)
+    old = plan(base, before, example) if before > 1 else None
     layers = mixed_layers(skeleton)
-    m, out = len(members), {}
+    m = len(members) if before == 1 else man.mixing.members
+    out = {}
     for key, ref in skeleton.state_dict().items():
         path, _, leaf = key.rpartition(".")
         if path == "banks" or (path in layers and leaf == "alpha"):
@@ -90,18 +99,41 @@ def carried(members: list[Bundle], factor: int, skeleton: torch.nn.Module
             out[key] = (torch.stack(parts).mean(0) if parts[0].is_floating_point()
                         else parts[0].clone())
             continue
-        grown = [take(t, axes) for t in parts]
         ks = []  # each grown axis's copy numbers, broadcast along its dim
         for a in grown_axes:
             shape = [1] * ref.dim()
             shape[a.dim] = len(a.index)
             ks.append(copies(a.index).view(shape))
-        same = torch.stack(torch.broadcast_tensors(*ks)).eq(ks[0]).all(0)
-        copy = ks[0]
-        owner = torch.where(same, copy % m, -1).expand(ref.shape)
-        value = torch.zeros(ref.shape, dtype=parts[0].dtype)
-        for j, t in enumerate(grown):
-            value = torch.where(owner == j, t, value)
+        k = torch.stack(torch.broadcast_tensors(*ks))
+        if old is None:
+            grown = [take(t, axes) for t in parts]
+            owner = torch.where(k.eq(ks[0]).all(0), ks[0] % m, -1).expand(ref.shape)
+            value = torch.zeros(ref.shape, dtype=parts[0].dtype)
+            for j, t in enumerate(grown):
+                value = torch.where(owner == j, t, value)
+        else:
+            value = _regrown(parts[0], key, grown_axes, old.axes.get(key, []), before, m)
+            keep = k.lt(before).all(0) | k.eq(ks[0]).all(0)
+            value = torch.where(keep.expand(ref.shape), value, torch.zeros((), dtype=value.dtype))
         out[key] = value
         assert out[key].shape == ref.shape, key
     return out
+
+
+def _regrown(t: torch.Tensor, key: str, axes: list, olds: list, before: int, m: int
+             ) -> torch.Tensor:
+    """Return a grown twin's tensor `t` (laid out by the plan of `before`, axes `olds`) in
+    the layout of the plan of `axes`: new copy k of channel i is its copy old_block(k)."""
+    by_dim = {a.dim: a for a in olds}
+    for a in axes:
+        o = by_dim.get(a.dim)
+        n = int(a.index.max()) + 1
+        if o is None or int(o.index.max()) + 1 != n:
+            raise MgrowError(f"internal: {key} grows along dim {a.dim} at x{before} and not "
+                             "in the regrown plan's way")
+        at = torch.empty(len(o.index), dtype=torch.long)  # (copy, channel) -> position
+        at[copies(o.index) * n + o.index] = torch.arange(len(o.index))
+        k = copies(a.index)
+        source = torch.tensor([old_block(int(j), before, m) for j in k], dtype=torch.long)
+        t = t.index_select(a.dim, at[source * n + a.index])
+    return t
