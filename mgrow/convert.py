@@ -43,7 +43,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from .arch import build
+from .arch import build, check_options
 from .bundle import COUNTER, check_tensors, conform, header, integer_buffers, load_tensors
 from .errors import MgrowError
 from .files import read_bytes
@@ -336,6 +336,7 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     with writer_lock(output):  # held from the start: a second writer is refused at once
         arch = ArchSpec(name=arch_name, width=width, input_size=input_size or
                         default_input_size(arch_name), norm=norm, options=options or {})
+        check_options(arch)
         skeleton = build(arch, meta=True)
         state, outside = read_model(src, skeleton.state_dict().keys(),
                                     integer_buffers(skeleton))

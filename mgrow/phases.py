@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .arch import build, check_name
+from .arch import build, check_name, check_options
 from .bundle import load, save, save_model
 from .data import Data, DataSource, steps_per_epoch
 from .engine import (Progress, TrainConfig, TrainResult, barrier, evaluate, is_main_process,
@@ -147,6 +147,7 @@ def train_new(arch_name: str, source: DataSource, cfg: TrainConfig, output: Path
     arch = ArchSpec(name=arch_name, width=width, num_classes=d.num_classes,
                     in_channels=d.channels, input_size=d.input_size, norm=norm,
                     options=options or {})
+    check_options(arch)
     model = build(arch, mixing, seed=cfg.seed)
     lineage = Lineage(operation="train", options={"seed": cfg.seed, "epochs": cfg.epochs,
                                                   "lr": cfg.lr, "batch_size": cfg.batch_size,

@@ -212,13 +212,20 @@ def test_builder_options_from_the_command_line(tmp_path, tiny_cifar):
     assert sum(v.numel() for v in t.tensors.values()) < sum(
         v.numel() for v in torchvision.models.mobilenet_v3_small(num_classes=10).state_dict()
         .values()) / 2
-    for arch, option, message in [  # (MobileNetV3's builder takes any keyword, unread)
+    for arch, option, message in [
             ("torchvision:mobilenet_v3_small", "width_mult", "expected KEY=VALUE"),
             ("torchvision:resnet18", "bogus=1", "refused its options {'bogus': 1}"),
+            # MobileNetV3's builder takes any keyword and reads only its own: a typo would
+            # be recorded and do nothing
+            ("torchvision:mobilenet_v3_small", "widht_mult=0.5", "takes no option 'widht_mult'"),
     ]:
-        r = run_main("train", "--arch", arch, "--builder-option", option, "--data",
-                     f"npz:{tiny_cifar}", "-o", tmp_path / "x.safetensors")
-        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1
+        for command in ("train", "convert"):
+            args = ("--data", f"npz:{tiny_cifar}") if command == "train" else \
+                (tmp_path / "narrow.pth",)
+            r = run_main(command, *args, "--arch", arch, "--builder-option", option,
+                         "-o", tmp_path / "x.safetensors")
+            assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, \
+                (command, r.stderr)
     r = run_main("train", "--arch", "wrn-10-1", "--builder-option", "a=1", "--data",
                  f"npz:{tiny_cifar}", "-o", tmp_path / "x.safetensors")
     assert r.returncode == 2 and "builder options are for torchvision:/timm:" in r.stderr

@@ -32,9 +32,10 @@ from .scale import channels
 from .vgg import DEPTHS as VGG_DEPTHS
 from .vgg import vgg11_bn
 from .wrn import wrn
-from .zoo import build_traced, check_traced, is_traced
+from .zoo import build_traced, check_options, check_traced, is_traced
 
-__all__ = ["NAMES", "block_paths", "build", "channels", "check_name", "deepened", "depths",
+__all__ = ["NAMES", "block_paths", "build", "channels", "check_name", "check_options",
+           "deepened", "depths",
            "empty", "is_traced", "same_blocks", "stages", "units"]
 
 _RESNETS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),

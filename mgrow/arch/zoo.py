@@ -6,7 +6,7 @@ grown by g (`ArchSpec.width` = g, an integer) is rebuilt by growing the built on
 plan mgrow.arch.widen observes, so a bundle alone rebuilds its model; a deepened one
 (`ArchSpec.depths`) has its stages extended first (arch.stages).
 
-Owns `is_traced`, `check_traced`, `build_traced`, `wider_builder`. Imports mgrow.errors,
+Owns `is_traced`, `check_traced`, `check_options`, `build_traced`, `wider_builder`. Imports mgrow.errors,
 manifest, mixing, arch.widen, arch.plans, arch.stages and arch.twins (template-mixed
 twins); torchvision always, timm only when a timm name is asked for (`mgrow[timm]`).
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import sys
 
 import torch
 from torch import nn
@@ -107,6 +108,41 @@ def _construct(arch: ArchSpec) -> nn.Module:
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise MgrowError(f"{arch.name}: the builder refused its options {options}: "
                          f"{str(e).splitlines()[0][:200]}") from None
+
+
+def check_options(arch: ArchSpec) -> None:
+    """Refuse (one line) a builder option that no function the builder calls takes as a
+    named parameter: a builder with **kwargs (torchvision's MobileNetV3) swallows a typo,
+    which would otherwise be recorded in the manifest and silently do nothing (a family's
+    options are refused by build)."""
+    if not arch.options or not is_traced(arch.name):
+        return
+    bound: set[str] = set()
+
+    def seen(frame, event, _arg):
+        if event == "call":
+            code = frame.f_code
+            names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+            bound.update(k for k in arch.options if k in names and _same(
+                frame.f_locals.get(k), arch.options[k]))
+    old = sys.getprofile()
+    sys.setprofile(seen)
+    try:
+        _on_meta(arch)
+    finally:
+        sys.setprofile(old)
+    unused = [k for k in arch.options if k not in bound]
+    if unused:
+        raise MgrowError(f"{arch.name}: the builder takes no option "
+                         f"{', '.join(map(repr, unused))} (it would be ignored); check the "
+                         "name against the builder's signature")
+
+
+def _same(a: object, b: object) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # an array-like compared elementwise, say
+        return a is b
 
 
 # width options of builders (and their defaults): a grown net may be what one builds wider
