@@ -6,9 +6,9 @@ grown by g (`ArchSpec.width` = g, an integer) is rebuilt by growing the built on
 plan mgrow.arch.widen observes, so a bundle alone rebuilds its model; a deepened one
 (`ArchSpec.depths`) has its stages extended first (arch.stages).
 
-Owns `is_traced`, `check_traced`, `check_options`, `build_traced`, `wider_builder`. Imports mgrow.errors,
-manifest, mixing, arch.widen, arch.plans, arch.stages and arch.twins (template-mixed
-twins); torchvision always, timm only when a timm name is asked for (`mgrow[timm]`).
+Owns `is_traced`, `check_traced`, `check_options`, `build_traced`, `wider_builder`.
+Imports mgrow.errors, manifest, mixing, arch.widen, arch.plans, arch.stages and arch.twins
+(template-mixed twins); torchvision always, timm only when a timm name is asked for (`mgrow[timm]`).
 """
 
 from __future__ import annotations
