@@ -11,10 +11,13 @@ checks. Imports mgrow.errors, limits, manifest, files, and (to rebuild a model) 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import safetensors.torch
 import torch
@@ -40,13 +43,15 @@ class Bundle:
         """Return this bundle as a lineage parent."""
         return Parent(sha256=self.sha256, path=str(self.path))
 
-    def model(self) -> nn.Module:
-        """Return the network this bundle describes, with its tensors loaded."""
+    def model(self, share: bool = False) -> nn.Module:
+        """Return the network this bundle describes, with its tensors loaded (`share`: the
+        bundle's own tensors, not copies: no second copy in memory, for a caller that only
+        reads the network)."""
         from .arch import empty
         shapes = skeleton(self.manifest, self.path)
         check_tensors(shapes, self.tensors, self.path)
         model = empty(self.manifest.arch, self.manifest.mixing, shapes)
-        model.load_state_dict(self.tensors, strict=True)
+        model.load_state_dict(self.tensors, strict=True, assign=share)
         return model
 
 
@@ -278,14 +283,56 @@ def skeleton(manifest: Manifest, where: object) -> nn.Module:
 
 
 def to_bytes(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> bytes:
-    """Return the safetensors bytes of a bundle whose manifest `load` will accept: checked
-    again here, as model_copy(update=...) does not validate what it sets. One dtype per
-    bundle: every floating tensor is stored as float32 (mgrow's compute dtype; a float64
-    one computed elsewhere is rounded), BatchNorm counters as int64 (see stored_dtype)."""
+    """Return the bytes `save` writes (a bundle whose manifest `load` will accept)."""
+    buf = io.BytesIO()
+    writer(manifest, tensors)(buf)
+    return buf.getvalue()
+
+
+# safetensors' names of the dtypes a bundle may hold, in the order its own writer lays
+# tensors out (widest first, then by name), so every tensor's data stays aligned
+_DTYPES = {torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32",
+           torch.bfloat16: "BF16", torch.float16: "F16", torch.int16: "I16", torch.uint8: "U8",
+           torch.int8: "I8", torch.bool: "BOOL"}
+
+
+def writer(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Callable[[BinaryIO], None]:
+    """Return a function writing the bundle to a binary file, one tensor at a time: a
+    safetensors file as safetensors' own writer lays it out (header padded to 8 bytes, data
+    widest dtype first, then by name), without holding a second copy of the tensors (its
+    writer builds the whole file in memory, twice over: 2x the output at the peak). The
+    manifest is checked first, as model_copy(update=...) does not validate what it sets.
+    One dtype per bundle: every floating tensor is stored as float32 (mgrow's compute
+    dtype; a float64 one computed elsewhere is rounded), BatchNorm counters as int64 (see
+    stored_dtype)."""
     text = manifest.to_json()
     parse_manifest(text, "the bundle to write")
-    flat = {k: v.detach().to("cpu", stored_dtype(k, v)).contiguous() for k, v in tensors.items()}
-    return safetensors.torch.save(flat, metadata={META_KEY: text})
+    order = sorted(tensors, key=lambda k: (list(_DTYPES).index(_dtype(k, tensors[k])), k))
+    head: dict = {"__metadata__": {META_KEY: text}}
+    offset = 0
+    for k in order:
+        v = tensors[k]
+        size = v.numel() * torch.empty((), dtype=stored_dtype(k, v)).element_size()
+        head[k] = {"dtype": _DTYPES[stored_dtype(k, v)], "shape": list(v.shape),
+                   "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+
+    def write(f: BinaryIO) -> None:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in order:  # one tensor converted at a time
+            v = tensors[k].detach().to("cpu", stored_dtype(k, tensors[k])).contiguous()
+            f.write(v.reshape(-1).view(torch.uint8).numpy().data)
+    return write
+
+
+def _dtype(key: str, v: torch.Tensor) -> torch.dtype:
+    dtype = stored_dtype(key, v)
+    if dtype not in _DTYPES:
+        raise MgrowError(f"tensor {key}: a bundle cannot hold {str(dtype).removeprefix('torch.')}")
+    return dtype
 
 
 def stored_dtype(key: str, v: torch.Tensor) -> torch.dtype:
@@ -301,7 +348,7 @@ def stored_dtype(key: str, v: torch.Tensor) -> torch.dtype:
 def save(path: str | os.PathLike, manifest: Manifest, tensors: dict[str, torch.Tensor],
          force: bool = False) -> Path:
     """Write a bundle atomically and return its path."""
-    return write_atomic(path, to_bytes(manifest, tensors), force)
+    return write_atomic(path, writer(manifest, tensors), force)
 
 
 def save_model(path: str | os.PathLike, manifest: Manifest, model: nn.Module,

@@ -19,6 +19,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 from typing import Iterator
 
 from .errors import MgrowError
@@ -179,8 +180,11 @@ def _remove_stale_temps(p: Path) -> None:
                 q.unlink(missing_ok=True)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None],
+                 force: bool = False) -> Path:
     """Write `data` to `path` via a temporary file and a rename; never leaves a partial file.
+    `data`: the bytes, or a function writing them to the open file (a large output is then
+    never held whole).
 
     A writer killed outright (SIGKILL, power loss) leaves its temporary file
     `.<name>.<8 random chars>.tmp` behind; the next successful write of the same path
@@ -192,7 +196,10 @@ def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> P
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode

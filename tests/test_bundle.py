@@ -146,3 +146,25 @@ def test_written_files_get_the_usual_mode(bundle_file):
     mask = os.umask(0)
     os.umask(mask)
     assert bundle_file.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_bundle_is_written_tensor_by_tensor_as_safetensors_lays_it_out(tmp_path):
+    """save streams one tensor at a time (no second copy of the output in memory) and
+    writes the same bytes as safetensors' own writer: float32 weights, int64 counters, an
+    integer buffer, a float64 tensor rounded to float32, a bool; a dtype a bundle cannot
+    hold is refused in one line before anything is written."""
+    man = Manifest(arch=ArchSpec(name="wrn-10-1"), lineage=Lineage(operation="init"))
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b.weight": torch.randn(3, 4, generator=g), "a.num_batches_tracked":
+               torch.tensor(7), "idx": torch.arange(5, dtype=torch.int32), "w64":
+               torch.randn(2, 2, generator=g, dtype=torch.float64), "mask": torch.ones(
+               3, dtype=torch.bool), "t": torch.randn(4, 4, generator=g).t(), "e": torch.ones(0)}
+    out = save(tmp_path / "s.safetensors", man, tensors)
+    flat = {k: v.to(torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+            for k, v in tensors.items()}
+    assert out.read_bytes() == safetensors.torch.save(flat, metadata={META_KEY: man.to_json()})
+    back = safetensors.torch.load_file(out)
+    assert all(torch.equal(back[k], flat[k]) for k in tensors)
+    with pytest.raises(MgrowError, match="tensor z: a bundle cannot hold complex64"):
+        save(tmp_path / "c.safetensors", man, {"z": torch.ones(2, dtype=torch.complex64)})
+    assert not (tmp_path / "c.safetensors").exists()

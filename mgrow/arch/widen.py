@@ -295,7 +295,11 @@ def plan(model: nn.Module, factor: int, example: torch.Tensor) -> Plan:
     if factor < 2:
         raise MgrowError(f"growth factor must be at least 2, not {factor}")
     size = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
-    check_memory(size * 8 * (1 + factor * factor) + size * 4 * factor * factor,
+    biggest = max((sum(t.numel() for t in m.parameters()) for m in model.modules()
+                   if m is not model and not any(True for _ in m.children())), default=size)
+    # a float64 probe, grown one layer at a time (each layer's grown weights dropped once
+    # it has run), beside the network's own float32 copy grown by the caller
+    check_memory(size * 8 + biggest * 8 * factor * factor + size * 4 * factor * factor,
                  f"observing the growth of a network of {size:,} values by {factor}")
     probe = copy.deepcopy(model).double().eval()
     _randomise(probe, seed=0)
@@ -339,7 +343,16 @@ def plan(model: nn.Module, factor: int, example: torch.Tensor) -> Plan:
         x = args[0] if args else kw["query"]
         planner.grow(m, x, seen[m][0], head=m is head)
 
-    hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in called]
+    def done(m: nn.Module, args: tuple, out: object) -> None:
+        """Drop a layer's grown weights once it has run (it runs once): the grown probe is
+        never whole in memory, only the layers not yet run and the one running."""
+        for mod in m.modules():
+            for n, p in mod._parameters.items():
+                if p is not None:
+                    mod._parameters[n] = nn.Parameter(p.new_empty(0), requires_grad=False)
+
+    hooks = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in called] + \
+        [m.register_forward_hook(done) for m in called]
     try:
         with torch.no_grad(), _NoDeadUnits():
             after = probe(example)

@@ -42,7 +42,7 @@ def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: in
         raise MgrowError("--bn-correct corrects mixture and grid growth; --method "
                          f"{method} copies every unit's statistics with it")
     arch = first.manifest.arch
-    model = first.model().eval()
+    model = first.model(share=True).eval()  # read only: apply grows a copy
     if first.manifest.mixing is not None:  # a template-mixed twin: its plain network grows
         model = plain_network(model, arch)
     example = torch.zeros(2, arch.in_channels, arch.input_size, arch.input_size)
@@ -53,7 +53,7 @@ def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: in
     manifest = first.manifest.derived("fuse", options, (first.parent(),),
                                       arch=arch.widened(factor), growth=growth,
                                       mixing=None)
-    return manifest, {k: v.detach().clone() for k, v in grown.state_dict().items()}
+    return manifest, {k: v.detach() for k, v in grown.state_dict().items()}  # grown is ours
 
 
 def plain_network(twin: torch.nn.Module, arch: ArchSpec) -> torch.nn.Module:
