@@ -4,8 +4,8 @@ Reading validates everything (file, header, manifest, tensors against the archit
 raises MgrowError with a one-line reason; writing goes through mgrow.files (atomic, under the
 output's writer lock), so an interrupted or failed write never leaves a partial file.
 
-Owns `Bundle`, `load`, `read_manifest`, `save`, `save_model`, `export_plain` and the tensor
-checks. Imports mgrow.errors, limits, manifest, files, and (to rebuild a model) arch and mixing.
+Owns `Bundle`, `load`, `read_manifest`, `is_bundle`, `save`, `writer`, `save_model`,
+`export_plain` and the tensor checks. Imports mgrow.errors, limits, manifest, files, and (to rebuild a model) arch and mixing.
 """
 
 from __future__ import annotations
@@ -243,6 +243,16 @@ def load(path: str | os.PathLike) -> Bundle:
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Return the manifest of the bundle at `path`, reading only its header."""
     return _manifest(_read_header(path), path)
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """Return whether the file at `path` is a safetensors file with an mgrow manifest (of
+    any version), reading only its header; False for anything else (a .pth, say)."""
+    try:
+        meta = _read_header(path).get("__metadata__")
+    except MgrowError:
+        return False
+    return isinstance(meta, dict) and META_KEY in meta
 
 
 def _read_header(path: str | os.PathLike) -> dict:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .bundle import load
+from .bundle import is_bundle, load
 from .errors import MgrowError
 from .files import sha256_file
 from .manifest import Lineage
@@ -75,8 +75,11 @@ class _Walk:
         self.seen[key] = entry
         try:
             parent = load(match)
-        except (MgrowError, OSError) as e:  # not a bundle (a .pth), truncated, unreadable
-            entry.update(status="unreadable", reason=_line(e))
+        except (MgrowError, OSError) as e:  # truncated, another version, or not a bundle
+            if is_bundle(match):
+                entry.update(status="unreadable", reason=_line(e))
+            else:  # the very file recorded (its sha256 matched): the checkpoint `convert` read
+                entry["description"] = "a source checkpoint, not an mgrow bundle"
             return entry
         entry["description"] = parent.manifest.describe()
         entry["lineage"] = self.lineage(parent.manifest.lineage, match.parent, depth + 1)

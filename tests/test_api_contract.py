@@ -260,8 +260,9 @@ def test_info_loads_each_parent_once(tmp_path, monkeypatch):
 
 def test_info_marks_a_parent_it_cannot_read(tmp_path):
     """A converted bundle's parent is the .pth it was converted from, not a bundle: info
-    succeeds and marks that parent unreadable, with its reason; so is a truncated parent
-    whose sha256 matches the record, and a parent that raises when read."""
+    finds it and says so (it is the very file recorded, not an unreadable bundle); a
+    truncated parent whose sha256 matches the record, and a parent that raises when read,
+    are marked unreadable with their reasons."""
     from mgrow.convert import convert_checkpoint
     pth = tmp_path / "small.pth"
     torch.save(build(ARCH, None, seed=0).state_dict(), pth)
@@ -269,11 +270,13 @@ def test_info_marks_a_parent_it_cannot_read(tmp_path):
                                  input_size=8)
     res = mgrow.info(conv)
     [parent] = res["lineage"]["parents"]
-    assert parent["status"] == "unreadable" and "\n" not in parent["reason"]
-    assert str(pth) in parent["reason"] or pth.name in parent["reason"]
+    assert parent["status"] == "found" and "reason" not in parent
+    assert parent["description"] == "a source checkpoint, not an mgrow bundle"
     r = run_main("info", conv)
     assert r.returncode == 0, r.stderr
-    assert "unreadable: " in r.stdout and "not a safetensors file" in r.stdout
+    assert "unreadable" not in r.stdout and "a source checkpoint, not an mgrow" in r.stdout
+    text = " ".join(r.stdout.split())  # converted without --data: no reference to scale by
+    assert "1.00X unknown: the bundle records no training data" in text and "0.000e+00" not in text
 
     base = make_bundle(tmp_path / "whole.safetensors", ARCH)
     cut = tmp_path / "cut.safetensors"

@@ -58,8 +58,10 @@ def _print_params_and_ledger(report: dict) -> None:
 
 def _print_ledger(led: dict) -> None:
     """Print the training-FLOPs ledger table and its base/growth/total line."""
-    ledger = Table(title=f"training-FLOPs ledger (1.00X = {led['reference_epochs']:g} epochs "
-                   f"of this architecture from scratch = {led['reference_flops']:.3e} FLOPs)")
+    scale = (f"1.00X = {led['reference_epochs']:g} epochs of this architecture from scratch "
+             f"= {led['reference_flops']:.3e} FLOPs" if led["reference_flops"] else
+             "1.00X unknown: the bundle records no training data (convert --data names it)")
+    ledger = Table(title=f"training-FLOPs ledger ({scale})")
     for col in ("operation", "stage", "network", "images", "train FLOPs", "norm", "top-1",
                 "wall s", "device"):
         ledger.add_column(col)
