@@ -5,7 +5,8 @@ raises MgrowError with a one-line reason; writing goes through mgrow.files (atom
 output's writer lock), so an interrupted or failed write never leaves a partial file.
 
 Owns `Bundle`, `load`, `read_manifest`, `is_bundle`, `save`, `writer`, `save_model`,
-`export_plain` and the tensor checks. Imports mgrow.errors, limits, manifest, files, and (to rebuild a model) arch and mixing.
+`export_plain` and the tensor checks. Imports mgrow.errors, limits, manifest, files, and (to
+rebuild a model) arch and mixing.
 """
 
 from __future__ import annotations
