@@ -61,13 +61,18 @@ def _randomise(model: nn.Module, seed: int) -> None:
 
 
 class _NoDeadUnits(TorchFunctionMode):
-    """Run rectifiers as leaky ones: a probe channel that a ReLU zeroes everywhere could
-    not be told from another. Elementwise either way, so copies stay copies."""
+    """Run rectifiers as leaky ones, and smooth gates (GELU, SiLU, ...) with a leaky term
+    added: a probe channel that an activation flattens to (nearly) zero everywhere could
+    not be told from another (Swin V2's MLP: GELU units at -1e-20 matched the wrong
+    channel). Elementwise either way, so copies stay copies."""
 
     RECTIFIERS = {F.relu, torch.relu, torch.Tensor.relu, F.relu6, F.hardtanh}
     IN_PLACE = {torch.relu_, F.relu_, torch.Tensor.relu_, F.hardtanh_}
+    SMOOTH = {F.gelu, F.silu, F.hardswish, F.mish, F.elu, F.selu, F.celu}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SMOOTH and not (kwargs or {}).get("inplace", False):
+            return func(*args, **(kwargs or {})) + 0.1 * args[0]
         if func in self.RECTIFIERS or func in self.IN_PLACE:
             x = args[0]
             inplace = func in self.IN_PLACE or (kwargs or {}).get("inplace", False) or (
@@ -237,6 +242,15 @@ class _Planner:
         self.tensor(m.proj, "weight", Axis(0, out, "out"), Axis(1, inner, "in"))
         self.tensor(m.proj, "bias", Axis(0, out, "out"))
         self.tensor(m, "relative_position_bias_table", Axis(1, heads, "chan"))
+        self.tensor(m, "logit_scale", Axis(0, heads, "chan"))  # Swin V2: one per head
+        cpb = getattr(m, "cpb_mlp", None)  # Swin V2: an MLP gives each head its position bias
+        if isinstance(cpb, nn.Sequential) and isinstance(cpb[-1], nn.Linear):
+            if cpb[-1].out_features != m.num_heads:
+                raise MgrowError(f"{self.names[m]}: a position-bias MLP whose output is not "
+                                 "one value per head")
+            self.tensor(cpb[-1], "weight", Axis(0, heads, "out"))
+            self.tensor(cpb[-1], "bias", Axis(0, heads, "out"))
+            self.attrs(cpb[-1], out_features=len(heads))
         self.attrs(m.qkv, in_features=len(inp), out_features=len(qkv))
         self.attrs(m.proj, in_features=len(inner), out_features=len(out))
         self.attrs(m, num_heads=len(heads))
@@ -262,12 +276,14 @@ _LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention) + _NORMS
 
 def _packed(m: nn.Module) -> bool:
     """Whether `m` is attention with a packed qkv Linear, a proj Linear and `num_heads`
-    (torchvision's Swin attention, timm's Attention): it grows as one layer, by heads."""
+    (torchvision's Swin and Swin V2 attention, timm's Attention): it grows as one layer,
+    by heads (with a relative position table, or a per-head logit scale and position-bias
+    MLP)."""
     return (isinstance(getattr(m, "num_heads", None), int) and
             isinstance(getattr(m, "qkv", None), nn.Linear) and
             isinstance(getattr(m, "proj", None), nn.Linear) and
             set(n for n, _ in m.named_parameters(recurse=False)) <=
-            {"relative_position_bias_table"})
+            {"relative_position_bias_table", "logit_scale"})
 
 
 def _attention(m: nn.Module) -> bool:

@@ -47,6 +47,8 @@ def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: in
         model = plain_network(model, arch)
     example = torch.zeros(2, arch.in_channels, arch.input_size, arch.input_size)
     grown = apply(model, plan(model, factor, example), method, noise, seed)
+    if method == "net2net":  # the plan was checked on a random probe; check the real net
+        _check_kept(model, grown.eval(), arch)
     growth = Growth(method=method, init=None, factor=factor, members=1, tiling="none",
                     seed=seed, noise=noise)
     options = {"factor": factor, "method": method, "seed": seed, "noise": noise}
@@ -54,6 +56,21 @@ def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: in
                                       arch=arch.widened(factor), growth=growth,
                                       mixing=None)
     return manifest, {k: v.detach() for k, v in grown.state_dict().items()}  # grown is ours
+
+
+def _check_kept(model: torch.nn.Module, grown: torch.nn.Module, arch: ArchSpec) -> None:
+    """Refuse a net2net growth whose logits moved (relative error > 1e-4 on two seeded
+    images): the plan is observed on a random float64 probe, and a layout that holds
+    there but not for the real weights must not be written."""
+    x = torch.randn(2, arch.in_channels, arch.input_size, arch.input_size,
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(x), grown(x)
+    err = float((got - want).norm() / want.norm().clamp_min(1e-30))
+    if not err <= 1e-4:
+        raise MgrowError(f"{arch.name}: net2net growth moved the logits by {err:.2g} "
+                         "(relative) on the real weights although the plan's probe kept them; "
+                         "nothing written (please report this network)")
 
 
 def plain_network(twin: torch.nn.Module, arch: ArchSpec) -> torch.nn.Module:
