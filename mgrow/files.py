@@ -19,8 +19,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import MgrowError
 from .limits import SIDE_SUFFIX, TEMP_SUFFIX, check_name_length
