@@ -318,13 +318,13 @@ def writer(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Callable[[Bi
     stored_dtype)."""
     text = manifest.to_json()
     parse_manifest(text, "the bundle to write")
-    order = sorted(tensors, key=lambda k: (list(_DTYPES).index(_dtype(k, tensors[k])), k))
+    dtypes = {k: _dtype(k, v) for k, v in tensors.items()}
+    order = sorted(tensors, key=lambda k: (list(_DTYPES).index(dtypes[k]), k))
     head: dict = {"__metadata__": {META_KEY: text}}
     offset = 0
     for k in order:
-        v = tensors[k]
-        size = v.numel() * torch.empty((), dtype=stored_dtype(k, v)).element_size()
-        head[k] = {"dtype": _DTYPES[stored_dtype(k, v)], "shape": list(v.shape),
+        size = tensors[k].numel() * dtypes[k].itemsize
+        head[k] = {"dtype": _DTYPES[dtypes[k]], "shape": list(tensors[k].shape),
                    "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(head, separators=(",", ":")).encode()
@@ -334,7 +334,7 @@ def writer(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Callable[[Bi
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for k in order:  # one tensor converted at a time
-            v = tensors[k].detach().to("cpu", stored_dtype(k, tensors[k])).contiguous()
+            v = tensors[k].detach().to("cpu", dtypes[k]).contiguous()
             f.write(v.reshape(-1).view(torch.uint8).numpy().data)
     return write
 

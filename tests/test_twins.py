@@ -233,7 +233,6 @@ def test_a_twin_deepens_keeping_its_function_and_its_banks(tmp_path, init):
     """deepen of a builder's template-mixed twin: the logits are kept, the result is a
     twin again (rebuilt from its manifest), and every bank that serves the same layers as
     before is carried bit-equal with their coefficients."""
-    from mgrow.bundle import save
     from mgrow.growth import deepen
     from mgrow.mixing import bank_groups
     arch = ArchSpec(name="torchvision:resnet18", num_classes=10, input_size=32)
@@ -261,7 +260,6 @@ def test_a_twin_deepens_by_mixture_from_its_stage_templates(tmp_path, name, size
     """deepen's default for a twin: each new layer mixes templates its stage learned, with
     coefficients orthogonal to the stage's layers sharing its bank at their mean norm,
     except the layers that end a residual branch (zero coefficients: the function kept)."""
-    from mgrow.bundle import save
     from mgrow.growth import deepen
     from mgrow.mixing import mixed_layers
     arch = ArchSpec(name=name, num_classes=10, input_size=size, options=options)

@@ -49,7 +49,7 @@ from ..footprint import estimate
 from ..limits import check_memory
 from ..manifest import Manifest
 from ..mixing import MixedLayer, decompose, mixed_layers
-from .traced import plain_network
+from .traced import plain_network, probe_logits
 
 INITS = ("zero", "copy", "mixture", "identity")
 TOLERANCE = 1e-5  # logits' relative error a deepened net may show (residual nets: 0)
@@ -133,7 +133,7 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
     hooks = [stages[s][1][-1].register_forward_hook(  # block's input and output
         lambda _m, x, y, s=s: seen.__setitem__(s, (x[0] if len(x) == 1 else None, y)))
         for s in chosen]
-    want = _logits(model, man.arch)
+    want = probe_logits(model, man.arch)
     for h in hooks:
         h.remove()
     for s in chosen:
@@ -163,7 +163,7 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
         ends = zero_residual(model.get_submodule(path), seen[s][1], path)
         zeroed += [f"{path}.{e}" for e in ends]
         notes.append(f"{path}: zeroed {', '.join(ends)}")
-    _compare(want, _logits(model, man.arch))
+    _compare(want, probe_logits(model, man.arch))
     tensors = {k: v.detach() for k, v in model.state_dict().items()}
     if man.mixing is not None:  # the deeper twin: the source's banks and coefficients kept
         deep = build(arch, man.mixing, meta=True)  # bit-equal wherever a bank serves the
@@ -174,7 +174,7 @@ def _traced(bundle: Bundle, blocks: int, stage: int | str | None, init: str,
             notes += _mix_twin(twin, tensors, added, [olds[stage_of[p]] for p in added],
                                zeroed, torch.Generator().manual_seed(seed))
         twin.load_state_dict(tensors)
-        _compare(want, _logits(twin.eval(), man.arch))
+        _compare(want, probe_logits(twin.eval(), man.arch))
     options = {"blocks": blocks, "stages": [s + 1 for s in chosen], "init": init,
                "seed": seed, "depths": list(new), "notes": notes[:MAX_NOTES]}
     manifest = man.derived("deepen", options, (bundle.parent(),), arch=arch)
@@ -391,17 +391,9 @@ def _orthogonal(refs: list[torch.Tensor], shape: torch.Size, gen: torch.Generato
     return (rest / rest.norm(dim=-1, keepdim=True) * norm.clamp_min(1e-12)).float()
 
 
-def _logits(model: torch.nn.Module, arch) -> torch.Tensor:
-    """Return `model`'s logits on the probe batch (2 seeded normal images)."""
-    x = torch.randn(2, arch.in_channels, arch.input_size, arch.input_size,
-                    generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return model(x)
-
-
 def _check_kept(source: torch.nn.Module, model: torch.nn.Module, arch) -> None:
     """Refuse a deepened net whose logits differ from its source's on a probe batch."""
-    _compare(_logits(source, arch), _logits(model, arch))
+    _compare(probe_logits(source, arch), probe_logits(model, arch))
 
 
 def _compare(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -9,8 +9,8 @@ template-mixed member grows as the plain network it computes. Also the tensors o
 template-mixed twin's MixtureGrowth besides its coefficients and banks (`carried`: what
 growth.mixture takes from the members along the plan).
 
-Owns `grow`, `carried`, `plain_network`. Imports mgrow.arch (build, widen, plans, twins),
-bundle, errors, manifest, mixing and growth.grid.
+Owns `grow`, `carried`, `plain_network`, `probe_logits`. Imports mgrow.arch (build, widen,
+plans, twins), bundle, errors, manifest, mixing and growth.grid.
 """
 
 from __future__ import annotations
@@ -58,14 +58,20 @@ def grow(members: list[Bundle], factor: int, method: str, noise: float, seed: in
     return manifest, {k: v.detach() for k, v in grown.state_dict().items()}  # grown is ours
 
 
-def _check_kept(model: torch.nn.Module, grown: torch.nn.Module, arch: ArchSpec) -> None:
-    """Refuse a net2net growth whose logits moved (relative error > 1e-4 on two seeded
-    images): the plan is observed on a random float64 probe, and a layout that holds
-    there but not for the real weights must not be written."""
+def probe_logits(model: torch.nn.Module, arch: ArchSpec) -> torch.Tensor:
+    """Return `model`'s logits on the probe batch (2 seeded normal images) that growth and
+    deepening check a kept function on."""
     x = torch.randn(2, arch.in_channels, arch.input_size, arch.input_size,
                     generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want, got = model(x), grown(x)
+        return model(x)
+
+
+def _check_kept(model: torch.nn.Module, grown: torch.nn.Module, arch: ArchSpec) -> None:
+    """Refuse a net2net growth whose logits moved (relative error > 1e-4 on the probe
+    batch): the plan is observed on a random float64 probe, and a layout that holds there
+    but not for the real weights must not be written."""
+    want, got = probe_logits(model, arch), probe_logits(grown, arch)
     err = float((got - want).norm() / want.norm().clamp_min(1e-30))
     if not err <= 1e-4:
         raise MgrowError(f"{arch.name}: net2net growth moved the logits by {err:.2g} "
