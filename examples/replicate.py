@@ -25,6 +25,9 @@ number comes with its ledger. Rows:
   mg-point-P      the growth-point sweep (sibling trained for P x E epochs)
   mg-templates-T  `mg` from a small net and sibling with T templates per layer (a bank of a
                   pair holds 2T; `small` has 2): the lever "more templates" (issue 24)
+  mg-warmup-W     `mg`'s grown net finetuned with a W-epoch warm-up (the engine clips it to
+                  10% of the run; 0: the lr restarts straight at its peak after growth): the
+                  lever "warm-up after growth" (issue 24)
   mg-lr-X         `mg` finetuned with peak lr X instead of the rule's (the sweep that
                   chooses the post-growth rule, down to the official code's 1e-3 and 1e-4;
                   its cost is reported per row)
@@ -138,7 +141,7 @@ GROWTH_STEPS = 8  # batches of the gradmax/firefly growth step, unless a scale s
 ABLATIONS = ("mg-init-random", "mg-init-copy", "mg-init-zero", "mg-horizontal",
              "random-plain", "net2net-plain", "mg-converted-sibling")
 POINTS = (0.0, 0.5, 1.0)
-LEVERS = ("mg-templates-4",)  # levers of `mg` not measured before (issue 24)
+LEVERS = ("mg-templates-4", "mg-warmup-0")  # levers of `mg` not measured before (issue 24)
 LRS = (0.02, 0.05, 1e-3, 1e-4)  # post-growth peak lr sweep of `mg` (the rule's lr is `mg`)
 # the candidate best recipe (fuse options): a function-preserving start (the members'
 # ensemble at growth: 39.7% vs 20.2% for orthogonal, BN corrected, in
@@ -163,7 +166,8 @@ def parse_row(name: str) -> tuple[str, float | None]:
     try:
         growth = base in GROWTH or kind == "mg-init" and arg in INITS or \
             kind == "mg-point" and 0 <= float(arg) <= 1 or \
-            kind == "mg-templates" and arg.isdigit() and 1 <= int(arg) <= 64
+            kind == "mg-templates" and arg.isdigit() and 1 <= int(arg) <= 64 or \
+            kind == "mg-warmup" and 0 <= float(arg) <= 100
         if sep and not (growth and float(lr) > 0):
             raise ValueError
     except ValueError:
@@ -171,7 +175,7 @@ def parse_row(name: str) -> tuple[str, float | None]:
     if not growth and (sep or base not in FIXED):
         sys.exit(f"error: unknown row {name!r}: expected one of "
                  f"{', '.join((*FIXED, *GROWTH))}, mg-init-INIT, mg-point-P (0-1), "
-                 "mg-templates-T, or a "
+                 "mg-templates-T, mg-warmup-W, or a "
                  "growth row + -lr-X (finetuned at peak lr X)")
     return base, float(lr) if sep else None
 
@@ -236,9 +240,11 @@ class Runner:
         return path
 
     def grow(self, name: str, sibling: Path | None, lr: float | None = None,
-             start: str = "small", **options) -> tuple[Path, float]:
+             start: str = "small", warmup: float | None = None,
+             **options) -> tuple[Path, float]:
         """Fuse `start` (and `sibling`) and finetune to the budget under the post-growth
-        rule; return the final bundle and growth-point top-1 (BN as fused)."""
+        rule (at peak lr `lr` and a `warmup`-epoch warm-up where given); return the final
+        bundle and growth-point top-1 (BN as fused)."""
         mixed = start.startswith("small") and start != "small-plain"
         small = self.converted() if start == "converted" else self.train(
             start, 0.5, self.s["epochs"], mixed=mixed)
@@ -249,14 +255,17 @@ class Runner:
         at_growth = self.eval(grown)
         if not self.path(name).exists():
             cfg = self.cfg(1.0).model_copy(update={"lr": lr or self.rule["lr"]})
+            if warmup is not None:
+                cfg = cfg.model_copy(update={"warmup_epochs": warmup})
             finetune(grown, self.source, cfg, self.path(name),
                      budget=self.s["budget"], reference_epochs=self.s["epochs"],
                      bn_recalibrate=self.rule["bn_recalibrate"], **self.run_options(name))
         return self.path(name), at_growth
 
     def grown(self, name: str) -> Path:
-        """The grown net a growth row finetunes (ROW-lr-X shares ROW's)."""
-        return self.d / f"{name.partition('-lr-')[0]}.grown.safetensors"
+        """The grown net a growth row finetunes (ROW-lr-X shares ROW's, mg-warmup-W `mg`'s)."""
+        base = name.partition("-lr-")[0]
+        return self.d / f"{'mg' if base.startswith('mg-warmup-') else base}.grown.safetensors"
 
     def converted(self) -> Path:
         """`small-plain` as a user's plain checkpoint: exported, then `convert`ed."""
@@ -338,6 +347,8 @@ class Runner:
                 dict(BEST) if base == "mg-best" else {}
             if base.startswith("mg-init-"):
                 options = {"init": base.rpartition("-")[2]}
+            if base.startswith("mg-warmup-"):
+                options = {"warmup": float(base.rpartition("-")[2])}
             start = f"small-{base.removeprefix('mg-')}" if base.startswith("mg-templates-") \
                 else "small"
             path, at_growth = self.grow(name, self.sibling(point, start), lr, start=start,

@@ -94,6 +94,14 @@ def check_no_checkpoint(output: Path, resume: bool) -> None:
                          "or delete it to start over")
 
 
+def recipe(cfg: TrainConfig) -> dict:
+    """Return the knobs of `cfg` that change what a run learns, as its lineage records them
+    (not where or how fast it ran: device, amp, channels_last, compile)."""
+    return cfg.model_dump(include={"seed", "epochs", "lr", "batch_size", "schedule",
+                                   "warmup_epochs", "weight_decay", "label_smoothing",
+                                   "momentum", "nesterov"})
+
+
 def run_phase(manifest: Manifest, model: nn.Module, data: Data, cfg: TrainConfig,
               output: Path, operation: str, stage: str, *, resume: bool = False,
               progress: Progress = "bar", force: bool = False) -> Outcome:
@@ -149,9 +157,7 @@ def train_new(arch_name: str, source: DataSource, cfg: TrainConfig, output: Path
                     options=options or {})
     check_options(arch)
     model = build(arch, mixing, seed=cfg.seed)
-    lineage = Lineage(operation="train", options={"seed": cfg.seed, "epochs": cfg.epochs,
-                                                  "lr": cfg.lr, "batch_size": cfg.batch_size,
-                                                  "schedule": cfg.schedule})
+    lineage = Lineage(operation="train", options=recipe(cfg))
     manifest = Manifest(arch=arch, mixing=mixing, data=d, lineage=lineage)
     return run_phase(manifest, model, data, cfg, output, "train", "base", **run)
 
@@ -262,9 +268,7 @@ def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
     data = source.load(man.data, man.arch.input_size)
     model = build(man.arch, man.mixing, seed=cfg.seed)
     manifest = Manifest(arch=man.arch, mixing=man.mixing, data=data.spec, lineage=Lineage(
-        operation="train-sibling", options={"seed": cfg.seed, "epochs": cfg.epochs,
-                                            "lr": cfg.lr, "batch_size": cfg.batch_size,
-                                            "schedule": cfg.schedule},
+        operation="train-sibling", options=recipe(cfg),
         parents=(small.parent(),)))
     return run_phase(manifest, model, data, cfg, output, "train-sibling", "growth", **run)
 
@@ -307,10 +311,8 @@ def finetune(path: Path, source: DataSource, cfg: TrainConfig, output: Path, *,
     used = recalibration.images // cfg.batch_size if recalibration else 0
     if recalibration:
         man = man.with_phase(recalibration)
-    options = {"seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr,
-               "batch_size": cfg.batch_size, "schedule": cfg.schedule, "budget": budget,
-               "data": data.spec.spec, "train_size": len(data.train_y),
-               "bn_recalibrate": used}
+    options = {**recipe(cfg), "budget": budget, "data": data.spec.spec,
+               "train_size": len(data.train_y), "bn_recalibrate": used}
     manifest = man.derived("finetune", options, (bundle.parent(),))
     return run_phase(manifest, model, data, cfg, output, "finetune", stage, **run)
 

@@ -35,6 +35,7 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
     step = scale["batch"] / scale["subset"] / scale["epochs"]  # one large-net step, normalised
     assert not result["meta"]["data"].partition(":")[2].startswith("/")  # project-relative
     plain_start = ("mg-converted", "mg-converted-sibling", "random-plain", "net2net-plain")
+    runner = rep.Runner(out / "seed0", rep.SCALES["tiny"], 0, f"npz:{tiny_cifar}", True, "t")
     for name, r in runs.items():
         assert 0 <= r["top1"] <= 1 and r["ledger"], name
         assert r["commit"] and r["commit"] in (result["meta"]["commit"],
@@ -53,7 +54,7 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
             start = "small-plain" if name in plain_start else "small-templates-4" if \
                 name == "mg-templates-4" else "small"
             assert r["start_sha256"] == rep.weights_sha(out / f"seed0/{start}.safetensors")
-            grown = load(out / f"seed0/{name.partition('-lr-')[0]}.grown.safetensors")
+            grown = load(runner.grown(name))
             assert r["grown_sha256"] == rep.weights_sha(grown.path), name
             assert grown.manifest.lineage.parents[0].sha256 == sha256_file(
                 out / ("seed0/small-converted.safetensors" if name.startswith("mg-converted")
@@ -76,6 +77,12 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
     # the lever "more templates": its own small net and sibling, 4 templates a layer
     assert load(out / "seed0/mg-templates-4.safetensors").manifest.mixing.templates == 4
     assert runs["mg-templates-4"]["ledger"][0]["arch"] == "wrn-16-1 x0.5 mixed"
+    # the lever "warm-up after growth": `mg`'s very grown net, finetuned without a warm-up,
+    # and each finetune's lineage records the warm-up it ran with
+    assert runs["mg-warmup-0"]["grown_sha256"] == runs["mg"]["grown_sha256"]
+    warmups = {name: load(out / f"seed0/{name}.safetensors").manifest.lineage.options[
+        "warmup_epochs"] for name in ("mg", "mg-warmup-0")}
+    assert warmups == {"mg": 1.0, "mg-warmup-0": 0.0}
     assert not [p for p in runs["mg-nofusion"]["ledger"] if p["operation"] == "train-sibling"]
     # the converted checkpoint's own training is its base; growing it costs the budget
     base = [p for p in runs["mg-converted"]["ledger"] if p["stage"] == "base"]
@@ -83,7 +90,6 @@ def test_every_row_with_consistent_ledger(tiny_cifar, tmp_path, capsys):
     # mg-converted-sibling fuses the converted net with `mg`'s sibling: train-sibling on the
     # converted bundle trains bit for bit the same net (same architecture, mixing, data, seed)
     from mgrow.phases import train_sibling
-    runner = rep.Runner(out / "seed0", scale, 0, f"npz:{tiny_cifar}", True, "test")
     cfg = runner.cfg(scale["point"] * scale["epochs"]).model_copy(update={"seed": 1000})
     own = train_sibling(out / "seed0/small-converted.safetensors", runner.source, cfg,
                         tmp_path / "own-sibling.safetensors", progress="quiet")
@@ -134,8 +140,9 @@ def test_row_names_are_checked_before_anything_trains(tmp_path):
     assert rep.parse_row("net2net-lr-0.02") == ("net2net", 0.02)
     assert rep.parse_row("mg-point-0.5-lr-1e-4") == ("mg-point-0.5", 1e-4)
     assert rep.parse_row("mg-templates-4") == ("mg-templates-4", None)
+    assert rep.parse_row("mg-warmup-0.5") == ("mg-warmup-0.5", None)
     for bad in ("mgg", "large-lr-0.1", "mg-lr-x", "mg-lr--1", "mg-init-bogus", "mg-point-2",
-                "mg-templates-0", "mg-templates-x"):
+                "mg-templates-0", "mg-templates-x", "mg-warmup-x", "mg-warmup--1"):
         with pytest.raises(SystemExit, match=re.escape(f"unknown row {bad!r}")):
             rep.parse_row(bad)
     with pytest.raises(SystemExit, match="unknown row 'mgg'"):
