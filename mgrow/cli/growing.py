@@ -146,7 +146,8 @@ def fuse(
     init: Annotated[Init, typer.Option(
         "--init", help="New coefficients: orthogonal (to each other and the existing ones, "
         "at their norm), random (normal, same scale), copy (the member's own, +--noise), "
-        "zero (grown net = mean of the members).")] = Init.orthogonal,
+        "zero (grown net = mean of the members; the better start where little finetuning "
+        "follows, see docs/any-network.md).")] = Init.orthogonal,
     method: Annotated[Method, typer.Option(
         "--method", help="mixture (MixtureGrowth); baselines with plain outputs: random "
         "(fresh plain weights for new tiles), net2net (function-preserving widening of A), "
