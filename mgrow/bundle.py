@@ -14,19 +14,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-import safetensors.torch
 import torch
 from pydantic import ValidationError
 from torch import nn
 
 from .errors import MgrowError
-from .files import check_writable, read_bytes, read_chunks, write_atomic, writer_lock
+from .files import check_writable, read_buffer, read_chunks, write_atomic, writer_lock
 from .limits import MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, load_json
 from .manifest import READABLE_VERSIONS, Manifest, Parent
 
@@ -195,13 +195,73 @@ def header(data: bytes, where: object, size: int | None = None) -> dict:
     return head
 
 
-def load_tensors(data: bytes, where: object) -> dict[str, torch.Tensor]:
-    """Return the tensors of safetensors bytes, or raise MgrowError."""
-    try:
-        return safetensors.torch.load(data)
-    except Exception as e:  # safetensors raises its own error type for every malformation
-        raise MgrowError(f"{where}: corrupt or truncated safetensors file "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+# safetensors' element types as torch holds them (little-endian, as the format stores them)
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+          "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+          "BOOL": torch.bool, "C64": torch.complex64,
+          **({"F8_E8M0": torch.float8_e8m0fnu} if hasattr(torch, "float8_e8m0fnu") else {})}
+
+
+def load_tensors(data: bytearray, where: object) -> dict[str, torch.Tensor]:
+    """Return the tensors of a safetensors file's bytes as views into `data` (no copy: the
+    file's size in memory once, not twice), or raise MgrowError.
+
+    Every entry is checked as safetensors checks it: a known dtype, a shape of sizes >= 0,
+    offsets whose span is the shape's bytes, and spans that tile the data region exactly
+    (no gap, no overlap, nothing after). An entry whose bytes are not aligned to its
+    element size (no writer of ours makes one) is copied out.
+    """
+    def bad(why: str) -> MgrowError:
+        return MgrowError(f"{where}: corrupt or truncated safetensors file ({why})")
+
+    if not isinstance(data, bytearray):
+        data = bytearray(data)
+    head = header(data, where)
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    spans = []
+    for k, v in head.items():
+        if k == "__metadata__":
+            continue
+        shape, offsets = (v.get("shape"), v.get("data_offsets")) if isinstance(v, dict) \
+            else (None, None)
+        if not (isinstance(shape, list) and all(_count(d) for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2
+                and all(_count(d) for d in offsets)):
+            raise bad(f"entry {k!r} has no valid shape and data_offsets")
+        if (dtype := DTYPES.get(v.get("dtype"))) is None:
+            raise MgrowError(f"{where}: tensor {k} has dtype {v.get('dtype')!r}, which mgrow "
+                             f"does not read (it reads {', '.join(DTYPES)})")
+        lo, hi = offsets
+        if hi - lo != math.prod(shape) * dtype.itemsize:
+            raise bad(f"tensor {k} spans {hi - lo} bytes, not its shape's "
+                      f"{math.prod(shape) * dtype.itemsize}")
+        spans.append((lo, hi, k, dtype, shape))
+    spans.sort(key=lambda e: e[:2])
+    end = 0
+    for lo, hi, k, *_ in spans:
+        if lo != end:
+            raise bad(f"tensor {k} starts at byte {lo} of the data, not {end}")
+        end = hi
+    if start + end != len(data):
+        raise bad(f"the tensors hold {end} bytes, the data region {len(data) - start}")
+    base = torch.frombuffer(data, dtype=torch.uint8, count=1).data_ptr() if spans and \
+        end else 0
+    tensors = {}
+    for lo, hi, k, dtype, shape in spans:
+        if hi == lo:
+            tensors[k] = torch.empty(shape, dtype=dtype)
+        elif (base + start + lo) % dtype.itemsize:  # unaligned: copied out
+            tensors[k] = torch.frombuffer(data[start + lo:start + hi], dtype=dtype).view(shape)
+        else:
+            tensors[k] = torch.frombuffer(data, dtype=dtype, count=(hi - lo) // dtype.itemsize,
+                                          offset=start + lo).view(shape)
+    return tensors
+
+
+def _count(d: object) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
 
 
 def parse_manifest(text: str, where: object) -> Manifest:
@@ -233,7 +293,7 @@ def load(path: str | os.PathLike) -> Bundle:
     skeleton_ = skeleton(_manifest(head, path), path)
     check_shapes(skeleton_, {k: tuple(v.get("shape", ())) for k, v in head.items()
                              if k != "__metadata__" and isinstance(v, dict)}, path)
-    data = read_bytes(path)
+    data = read_buffer(path)
     manifest = _manifest(header(data, path), path)
     tensors = conform(load_tensors(data, path), path, integer_buffers(skeleton_))
     bundle = Bundle(manifest, tensors, Path(path), hashlib.sha256(data).hexdigest())

@@ -44,9 +44,9 @@ from pydantic import ValidationError
 from torch import nn
 
 from .arch import build, check_options
-from .bundle import COUNTER, check_tensors, conform, header, integer_buffers, load_tensors
+from .bundle import COUNTER, check_tensors, conform, integer_buffers, load_tensors
 from .errors import MgrowError
-from .files import read_bytes
+from .files import read_buffer, read_bytes
 from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Parent
 from .mixing import SPARES, decompose
 
@@ -76,10 +76,9 @@ def _load_state(p: Path) -> dict[str, torch.Tensor]:
     """Return the dict of tensors in a .pt/.pth (plain, or under 'state_dict' or 'model')
     or .safetensors file, keys as saved; or raise MgrowError (a pickle needing a class
     outside SAFE_CLASSES and torch's plain types is refused, naming it)."""
-    data = read_bytes(p)
     if p.suffix == ".safetensors":
-        header(data, p)
-        return load_tensors(data, p)
+        return load_tensors(read_buffer(p), p)
+    data = read_bytes(p)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it did not write
             warnings.simplefilter("ignore")

@@ -4,7 +4,7 @@ Writing is atomic (temporary file in the target folder, fsync, rename), so an in
 or failed write never leaves a partial file; an output is written under its writer lock
 (flock on `.<name>.lock` beside it), so two processes never write one path at once.
 
-Owns `read_bytes`, `read_chunks`, `sha256_file`, `check_writable`, `writer_lock`,
+Owns `read_bytes`, `read_buffer`, `read_chunks`, `sha256_file`, `check_writable`, `writer_lock`,
 `write_atomic`. Imports mgrow.errors and mgrow.limits.
 """
 
@@ -30,14 +30,35 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     return b"".join(read_chunks(path, -1))
 
 
-def read_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes]:
-    """Yield a file's bytes `size` at a time (-1: all at once), or raise MgrowError naming
-    why it cannot be read."""
+def read_buffer(path: str | os.PathLike) -> bytearray:
+    """Return a file's bytes in one writable buffer, read in place (the file's size in memory,
+    once: tensors can view it without a copy), or raise MgrowError naming why it cannot be
+    read."""
+    p = _file(path)
+    try:
+        with open(p, "rb") as f:
+            buf = bytearray(os.fstat(f.fileno()).st_size)
+            if f.readinto(buf) != len(buf) or f.read(1):
+                raise MgrowError(f"{p}: changed size while being read")
+    except OSError as e:
+        raise MgrowError(f"{p}: cannot read ({e.strerror})") from None
+    return buf
+
+
+def _file(path: str | os.PathLike) -> Path:
+    """Return `path` if it names a file that exists, else raise MgrowError saying what not."""
     p = Path(path)
     if not p.exists():
         raise MgrowError(f"{p}: no such file")
     if p.is_dir():
         raise MgrowError(f"{p}: is a directory, not a file")
+    return p
+
+
+def read_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes]:
+    """Yield a file's bytes `size` at a time (-1: all at once), or raise MgrowError naming
+    why it cannot be read."""
+    p = _file(path)
     try:
         with open(p, "rb") as f:
             while chunk := f.read(size):

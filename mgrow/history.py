@@ -1,6 +1,7 @@
 """A bundle's lineage walked on disk: each parent found by its recorded sha256 (at its
-recorded path, or beside the child), read once, its own lineage followed in turn (what
-`mgrow info` shows).
+recorded path, or beside the child), hashed once and its manifest read (the header only: a
+parent's tensors are never loaded), its own lineage followed in turn (what `mgrow info`
+shows).
 
 Owns `walk`. Imports mgrow.bundle, errors, files and manifest.
 """
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .bundle import is_bundle, load
+from .bundle import is_bundle, read_manifest
 from .errors import MgrowError
 from .files import sha256_file
 from .manifest import Lineage
@@ -27,8 +28,9 @@ MAX_DEPTH = 32  # lineage levels followed on disk
 
 
 class _Walk:
-    """One `info` call's walk down a lineage: each file hashed and each (file, sha256) loaded
-    once, however often parents name it; a parent that cannot be read is marked, not fatal."""
+    """One `info` call's walk down a lineage: each file hashed and each (file, sha256)'s
+    manifest read once, however often parents name it; a parent that cannot be read is
+    marked, not fatal."""
 
     def __init__(self) -> None:
         self.hashes: dict[str, str | MgrowError] = {}  # real path -> sha256 or why not
@@ -73,16 +75,16 @@ class _Walk:
         if depth + 1 >= MAX_DEPTH:
             return entry
         self.seen[key] = entry
-        try:
-            parent = load(match)
-        except (MgrowError, OSError) as e:  # truncated, another version, or not a bundle
+        try:  # the manifest alone: these bytes are the recorded parent's (its sha256), whose
+            manifest = read_manifest(match)  # tensors were checked when the child was made
+        except (MgrowError, OSError) as e:  # another version, or not a bundle
             if is_bundle(match):
                 entry.update(status="unreadable", reason=_line(e))
             else:  # the very file recorded (its sha256 matched): the checkpoint `convert` read
                 entry["description"] = "a source checkpoint, not an mgrow bundle"
             return entry
-        entry["description"] = parent.manifest.describe()
-        entry["lineage"] = self.lineage(parent.manifest.lineage, match.parent, depth + 1)
+        entry["description"] = manifest.describe()
+        entry["lineage"] = self.lineage(manifest.lineage, match.parent, depth + 1)
         return entry
 
 

@@ -168,3 +168,72 @@ def test_a_bundle_is_written_tensor_by_tensor_as_safetensors_lays_it_out(tmp_pat
     with pytest.raises(MgrowError, match="tensor z: a bundle cannot hold complex64"):
         save(tmp_path / "c.safetensors", man, {"z": torch.ones(2, dtype=torch.complex64)})
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def _raw_file(head: dict, data: bytes, pad: int = 0) -> bytearray:
+    """A safetensors file from a header (tensor entries, no metadata) and a data region; the
+    header padded with `pad` spaces (an odd `pad` leaves the data unaligned)."""
+    text = json.dumps(head).encode() + b" " * pad
+    return bytearray(struct.pack("<Q", len(text)) + text + data)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def test_tensors_are_read_in_place_as_safetensors_reads_them():
+    """A file's tensors are views into the one buffer it was read into (the file's size in
+    memory once, not twice), equal to safetensors' own reading for every dtype mgrow meets,
+    aligned or not; a file whose entries do not tile its data region is refused in one
+    line, as safetensors refuses it."""
+    from mgrow.bundle import load_tensors
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
+               "bf16": torch.randn(2, 3, generator=g).bfloat16(), "f64": torch.randn(
+               2, generator=g, dtype=torch.float64), "i64": torch.arange(3), "i32": torch.arange(
+               5, dtype=torch.int32), "u8": torch.arange(3, dtype=torch.uint8), "b": torch.tensor(
+               [True, False, True]), "f8": torch.randn(5, generator=g).to(torch.float8_e4m3fn),
+               "c64": torch.randn(2, generator=g, dtype=torch.complex64), "s": torch.tensor(2.5),
+               "e": torch.ones(0, 4)}
+    data = bytearray(safetensors.torch.save(tensors))
+    got = load_tensors(data, "f")
+    want = safetensors.torch.load(bytes(data))
+    assert got.keys() == want.keys() == tensors.keys()
+    lo = torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    for k, v in got.items():
+        assert (v.dtype, v.shape) == (want[k].dtype, want[k].shape), k
+        assert torch.equal(_bits(v), _bits(want[k])), k  # bit for bit
+        if v.numel():  # in place: inside the buffer, not a copy
+            assert lo <= v.data_ptr() and v.data_ptr() + v.nbytes <= lo + len(data), k
+    # written by another writer with an odd header length: unaligned, copied out, equal
+    (n,) = struct.unpack("<Q", data[:8])
+    head = json.loads(data[8:8 + n])
+    odd = _raw_file(head, bytes(data[8 + n:]), pad=1)
+    assert all(torch.equal(_bits(v), _bits(want[k])) for k, v in load_tensors(odd, "o").items())
+    # entries that do not tile the data region exactly
+    body = bytes(data[8 + n:])
+    first = min((k for k in head if k != "__metadata__"),
+                key=lambda k: head[k]["data_offsets"])
+    a, b = head[first]["data_offsets"]
+
+    def edited(change) -> dict:
+        h = json.loads(json.dumps(head))
+        change(h)
+        return h
+    bad = {
+        "trailing": (_raw_file(head, body + b"\0" * 8), "the tensors hold"),
+        "gap": (_raw_file(edited(lambda h: h.pop(first)), body), f"starts at byte {b}"),
+        "overlap": (_raw_file(edited(lambda h: h[first].update(data_offsets=[a, b + 4])),
+                              body), "spans"),
+        "negative": (_raw_file(edited(lambda h: h[first].update(shape=[-1])), body),
+                     "no valid shape"),
+        "dtype": (_raw_file(edited(lambda h: h[first].update(dtype="F4")), body),
+                  "dtype 'F4', which mgrow does not read"),
+        "cut": (_raw_file(head, body[:-1]), "the tensors hold"),
+    }
+    for name, (raw, message) in bad.items():
+        with pytest.raises(MgrowError, match=message) as info:
+            load_tensors(raw, name)
+        assert "\n" not in str(info.value)
+        with pytest.raises(Exception):  # safetensors refuses it too
+            safetensors.torch.load(bytes(raw))

@@ -148,8 +148,8 @@ def test_a_huge_bundle_is_refused_before_its_tensors_are_read(tmp_path, monkeypa
     save_file(bad, tmp_path / "huge.safetensors",
               metadata={mgrow.bundle.META_KEY: b.manifest.to_json()})
     reads = []
-    real = mgrow.bundle.read_bytes
-    monkeypatch.setattr(mgrow.bundle, "read_bytes", lambda p: reads.append(p) or real(p))
+    real = mgrow.bundle.read_buffer
+    monkeypatch.setattr(mgrow.bundle, "read_buffer", lambda p: reads.append(p) or real(p))
     with pytest.raises(MgrowError, match="banks.0 is \\(64,"):
         load(tmp_path / "huge.safetensors")
     assert reads == []
