@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import MgrowError
 from .files import check_writable, read_buffer, read_chunks, write_atomic, writer_lock
-from .limits import MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, load_json
+from .limits import MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, check_memory, load_json
 from .manifest import READABLE_VERSIONS, Manifest, Parent
 
 META_KEY = "mgrow"
@@ -213,13 +213,32 @@ def load_tensors(data: bytearray, where: object) -> dict[str, torch.Tensor]:
     (no gap, no overlap, nothing after). An entry whose bytes are not aligned to its
     element size (no writer of ours makes one) is copied out.
     """
-    def bad(why: str) -> MgrowError:
-        return MgrowError(f"{where}: corrupt or truncated safetensors file ({why})")
-
     if not isinstance(data, bytearray):
         data = bytearray(data)
     head = header(data, where)
     start = 8 + struct.unpack("<Q", data[:8])[0]
+    spans = _spans(head, start, len(data), where)
+    base = torch.frombuffer(data, dtype=torch.uint8, count=1).data_ptr() if spans and \
+        spans[-1][1] else 0
+    tensors = {}
+    for lo, hi, k, dtype, shape in spans:
+        if hi == lo:
+            tensors[k] = torch.empty(shape, dtype=dtype)
+        elif (base + start + lo) % dtype.itemsize:  # unaligned: copied out
+            tensors[k] = torch.frombuffer(data[start + lo:start + hi], dtype=dtype).view(shape)
+        else:
+            tensors[k] = torch.frombuffer(data, dtype=dtype, count=(hi - lo) // dtype.itemsize,
+                                          offset=start + lo).view(shape)
+    return tensors
+
+
+def _spans(head: dict, start: int, size: int, where: object) -> list[tuple]:
+    """Return a safetensors header's entries as (lo, hi, name, dtype, shape), by offset, or
+    raise MgrowError unless they tile the data region (bytes `start` to `size` of the file)
+    exactly (see load_tensors)."""
+    def bad(why: str) -> MgrowError:
+        return MgrowError(f"{where}: corrupt or truncated safetensors file ({why})")
+
     spans = []
     for k, v in head.items():
         if k == "__metadata__":
@@ -244,20 +263,9 @@ def load_tensors(data: bytearray, where: object) -> dict[str, torch.Tensor]:
         if lo != end:
             raise bad(f"tensor {k} starts at byte {lo} of the data, not {end}")
         end = hi
-    if start + end != len(data):
-        raise bad(f"the tensors hold {end} bytes, the data region {len(data) - start}")
-    base = torch.frombuffer(data, dtype=torch.uint8, count=1).data_ptr() if spans and \
-        end else 0
-    tensors = {}
-    for lo, hi, k, dtype, shape in spans:
-        if hi == lo:
-            tensors[k] = torch.empty(shape, dtype=dtype)
-        elif (base + start + lo) % dtype.itemsize:  # unaligned: copied out
-            tensors[k] = torch.frombuffer(data[start + lo:start + hi], dtype=dtype).view(shape)
-        else:
-            tensors[k] = torch.frombuffer(data, dtype=dtype, count=(hi - lo) // dtype.itemsize,
-                                          offset=start + lo).view(shape)
-    return tensors
+    if start + end != size:
+        raise bad(f"the tensors hold {end} bytes, the data region {size - start}")
+    return spans
 
 
 def _count(d: object) -> bool:
@@ -279,7 +287,8 @@ def parse_manifest(text: str, where: object) -> Manifest:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "manifest"
-        raise MgrowError(f"{where}: invalid manifest: {loc}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's
+        raise MgrowError(f"{where}: invalid manifest: {loc}: {msg}") from None
 
 
 def load(path: str | os.PathLike) -> Bundle:
@@ -293,6 +302,8 @@ def load(path: str | os.PathLike) -> Bundle:
     skeleton_ = skeleton(_manifest(head, path), path)
     check_shapes(skeleton_, {k: tuple(v.get("shape", ())) for k, v in head.items()
                              if k != "__metadata__" and isinstance(v, dict)}, path)
+    size = _check_extent(path, head)
+    check_memory(size, f"reading {path}")
     data = read_buffer(path)
     manifest = _manifest(header(data, path), path)
     tensors = conform(load_tensors(data, path), path, integer_buffers(skeleton_))
@@ -302,8 +313,23 @@ def load(path: str | os.PathLike) -> Bundle:
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """Return the manifest of the bundle at `path`, reading only its header."""
-    return _manifest(_read_header(path), path)
+    """Return the manifest of the bundle at `path`, reading only its header (and checking
+    that its tensor entries tile the file: a truncated bundle is refused)."""
+    head = _read_header(path)
+    manifest = _manifest(head, path)
+    _check_extent(path, head)
+    return manifest
+
+
+def _check_extent(path: str | os.PathLike, head: dict) -> int:
+    """Return the file's size, or raise MgrowError unless the header's tensor entries tile
+    the file exactly: a file with bytes after them (or short of them) is refused before
+    its data is read."""
+    with open(path, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0]
+        size = os.fstat(f.fileno()).st_size
+    _spans(head, start, size, path)
+    return size
 
 
 def is_bundle(path: str | os.PathLike) -> bool:
@@ -438,7 +464,7 @@ def export_program(path: str | os.PathLike, output: str | os.PathLike,
 
     from .arch import empty
     from .mixing import plain_state_dict
-    check_writable(output, force)
+    check_writable(output, force, inputs=(path,))
     with writer_lock(output):
         bundle = load(path)
         arch = bundle.manifest.arch
@@ -465,7 +491,7 @@ def export_plain(path: str | os.PathLike, output: str | os.PathLike, force: bool
     architecture has them) whose metadata also makes it a plain mgrow bundle.
     """
     from .mixing import plain_state_dict
-    check_writable(output, force)
+    check_writable(output, force, inputs=(path,))
     with writer_lock(output):
         bundle = load(path)
         man = bundle.manifest

@@ -328,7 +328,7 @@ def convert_checkpoint(src: str | Path, arch_name: str, output: str | Path, *,
     from .bundle import save
     from .files import check_writable, sha256_file, writer_lock
     check_name(arch_name)
-    check_writable(output, force)
+    check_writable(output, force, inputs=(src,))
     if normalisation is not None and data is None:
         raise MgrowError("--mean/--std say how the checkpoint's data was normalised: "
                          "name that data set with --data too")

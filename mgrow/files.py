@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from .errors import MgrowError
-from .limits import SIDE_SUFFIX, TEMP_SUFFIX, check_name_length
+from .limits import SIDE_SUFFIX, TEMP_SUFFIX, check_memory, check_name_length
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    """Return a file's bytes, or raise MgrowError naming why it cannot be read."""
+    """Return a file's bytes, or raise MgrowError naming why it cannot be read (or, before
+    reading, that it would not fit the memory left)."""
+    check_memory(_file(path).stat().st_size, f"reading {path}")
     return b"".join(read_chunks(path, -1))
 
 
@@ -37,6 +39,7 @@ def read_buffer(path: str | os.PathLike) -> bytearray:
     p = _file(path)
     try:
         with open(p, "rb") as f:
+            check_memory(os.fstat(f.fileno()).st_size, f"reading {p}")
             buf = bytearray(os.fstat(f.fileno()).st_size)
             if f.readinto(buf) != len(buf) or f.read(1):
                 raise MgrowError(f"{p}: changed size while being read")
@@ -52,7 +55,16 @@ def _file(path: str | os.PathLike) -> Path:
         raise MgrowError(f"{p}: no such file")
     if p.is_dir():
         raise MgrowError(f"{p}: is a directory, not a file")
+    if not p.is_file():  # read whole, a FIFO would block forever and /dev/zero never end
+        raise MgrowError(f"{p}: not a regular file (a FIFO, socket or device)")
     return p
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:  # a name this system cannot look up
+        return False
 
 
 def read_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes]:
@@ -69,16 +81,23 @@ def read_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes]
         raise MgrowError(f"{p}: cannot read ({e.strerror})") from None
 
 
-def check_writable(path: str | os.PathLike, force: bool, reserve: int = SIDE_SUFFIX) -> Path:
+def check_writable(path: str | os.PathLike, force: bool, reserve: int = SIDE_SUFFIX, *,
+                   inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
     """Return `path` if a new file may be written there, else raise MgrowError.
 
     `reserve`: bytes its name must leave below NAME_MAX for the files named after it (an
-    output: checkpoint, metrics and their temporary files; a side file: its temporary)."""
+    output: checkpoint, metrics and their temporary files; a side file: its temporary).
+    `inputs`: the files the command reads; the output may be none of them, by any name
+    (a symlink, a hard link), --force or not: the input would be gone."""
     p = Path(path)
     if p.is_dir():
         raise MgrowError(f"{p}: is a directory")
     if p.exists() and not p.is_file():  # a device or FIFO: the rename would replace it
         raise MgrowError(f"{p}: not a regular file")
+    for i in inputs:
+        if i is not None and p.exists() and _is_file(Path(i)) and os.path.samefile(p, i):
+            raise MgrowError(f"{p}: is this command's input {i} too; write the output "
+                             "elsewhere")
     if p.exists() and not force:
         raise MgrowError(f"{p}: already exists (pass --force to overwrite)")
     folder = p.parent if str(p.parent) else Path(".")
@@ -93,6 +112,10 @@ def check_writable(path: str | os.PathLike, force: bool, reserve: int = SIDE_SUF
     except OSError as e:
         raise MgrowError(f"{folder}: folder is not writable ({e.strerror or e})") from None
     return p
+
+
+WRITTEN: list[Path] = []  # the files this process has written whole (what an interruption
+# that comes after them leaves: the command line names them)
 
 
 def _umask() -> int:
@@ -224,6 +247,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
             os.replace(tmp, p)
+            WRITTEN.append(p)
         except OSError as e:
             Path(tmp).unlink(missing_ok=True)
             raise MgrowError(f"{p}: write failed ({e.strerror or e}); nothing was written"

@@ -28,6 +28,9 @@ class _Strict(BaseModel):
 
 
 Option = Annotated[str, Field(max_length=256)] | bool | int | float
+# the builders' keywords mgrow passes itself (mgrow.arch.zoo): torchvision's and timm's
+RESERVED_OPTIONS = frozenset({"num_classes", "weights", "pretrained", "in_chans",
+                              "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path"})
 
 
 class ArchSpec(_Strict):
@@ -47,6 +50,16 @@ class ArchSpec(_Strict):
     # name's own
     depths: tuple[Annotated[int, Field(ge=1, le=L.MAX_DEPTH)], ...] | None = Field(
         None, min_length=1, max_length=8)
+
+    @field_validator("options")
+    @classmethod
+    def _not_mgrows(cls, options: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(options) & RESERVED_OPTIONS)
+        if taken:
+            raise ValueError(f"builder option {taken[0]!r} is set by mgrow itself (classes "
+                             "and channels from the data, fresh weights), not on the command "
+                             "line")
+        return options
 
     def widened(self, factor: int) -> ArchSpec:
         """Return this spec with every layer `factor` times wider."""
@@ -180,6 +193,15 @@ class Manifest(_Strict):
         if isinstance(raw, dict) and raw.get("format_version") in READABLE_VERSIONS:
             return {**raw, "format_version": FORMAT_VERSION}
         return raw
+
+    @model_validator(mode="after")
+    def _data_fits_arch(self) -> Manifest:
+        """The data recorded is the network's: as many classes and input channels."""
+        d, a = self.data, self.arch
+        if d is not None and (d.num_classes, d.channels) != (a.num_classes, a.in_channels):
+            raise ValueError(f"data {d.spec} has {d.num_classes} classes and {d.channels} "
+                             f"channels, the network {a.num_classes} and {a.in_channels}")
+        return self
 
     @field_validator("format_version")
     @classmethod

@@ -211,7 +211,7 @@ def fuse_files(a: str | Path, b: str | Path | None, output: str | Path, *, force
     and one training step of the plain wide net at --batch-size on those images (on the
     CPU, where the growth step runs).
     """
-    check_writable(output, force)
+    check_writable(output, force, inputs=(a, b))
     with writer_lock(output):  # held from the start: a second writer is refused at once
         members = [load(a)] + ([load(b)] if b is not None else [])
 
@@ -233,7 +233,7 @@ def deepen_files(path: str | Path, output: str | Path | None, *, force: bool = F
     if output is None:
         with free_output(Path(path), "deep") as claimed:
             return deepen_files(path, claimed, force=force, **options)
-    check_writable(output, force)
+    check_writable(output, force, inputs=(path,))
     with writer_lock(output):
         manifest, tensors, notes = deepen(load(path), **options)
         return save(output, manifest, tensors, force), manifest, notes
@@ -263,7 +263,7 @@ def train_sibling(small_path: Path, source: DataSource, cfg: TrainConfig,
         with sibling_output(Path(small_path)) as claimed:
             return train_sibling(small_path, source, cfg, claimed, **run)
     output = Path(output)
-    check_writable(output, run.get("force", False))
+    check_writable(output, run.get("force", False), inputs=(small_path,))
     check_no_checkpoint(output, run.get("resume", False))
     data = source.load(man.data, man.arch.input_size)
     model = build(man.arch, man.mixing, seed=cfg.seed)
@@ -281,7 +281,7 @@ def finetune(path: Path, source: DataSource, cfg: TrainConfig, output: Path, *,
     `bn_recalibrate` N > 0: first re-estimate the BN statistics on N training batches
     (growth.norms.recalibrate; a ledger row of N batches' forward FLOPs, counted in budgets).
     """
-    check_writable(output, run.get("force", False))  # refusals first, before any work
+    check_writable(output, run.get("force", False), inputs=(path,))  # refusals first
     check_no_checkpoint(output, run.get("resume", False))
     if isinstance(bn_recalibrate, bool) or not isinstance(bn_recalibrate, int) \
             or bn_recalibrate < 0:

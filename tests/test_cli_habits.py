@@ -13,6 +13,7 @@ import sys
 
 from conftest import make_bundle, run_main
 
+from mgrow.bundle import load
 from mgrow.cli import PIPELINE, app
 from mgrow.manifest import ArchSpec
 
@@ -126,6 +127,19 @@ def test_ctrl_c_and_sigterm_outside_training_end_in_one_line(tmp_path):
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert (r.returncode, r.stderr) == (code, f"mgrow: error: {message}\n"), r.stderr
         assert set(os.listdir(tmp_path)) == before  # no output, no lock, no temporary file
+    # a signal once the output is written (it said "nothing was written", or, while the
+    # process exited, printed nothing): the line names the file, which is whole
+    after = SIGNAL_MID_FUSE.replace("mgrow.growth, ", "mgrow.phases, ").replace(
+        "mgrow.growth.fuse", "mgrow.phases.save").replace(
+        "    os.kill(os.getpid(), signal.SIG{sig})\n    return real(*args, **kwargs)",
+        "    out = real(*args, **kwargs)\n    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return out")
+    r = subprocess.run([sys.executable, "-c", after], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert (r.returncode, r.stderr) == (130, "mgrow: error: interrupted; after writing "
+                                        "out.safetensors (complete)\n"), r.stderr
+    assert set(os.listdir(tmp_path)) == before | {"out.safetensors"}
+    load(tmp_path / "out.safetensors")
 
 
 def test_lock_files_and_odd_names_are_handled(tmp_path):

@@ -5,6 +5,8 @@ that come from input are bounded before they are allocated."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -154,6 +156,23 @@ def test_a_huge_bundle_is_refused_before_its_tensors_are_read(tmp_path, monkeypa
         load(tmp_path / "huge.safetensors")
     assert reads == []
     assert load(b.path).manifest == b.manifest and len(reads) == 1
+    # bytes after the tensors (a file grown to 12 GB with zeros was read whole, then
+    # refused) or short of them: refused from the header and the file's size alone
+    for name, size in (("long", b.path.stat().st_size + (1 << 30)),
+                       ("short", b.path.stat().st_size - 1)):
+        odd = tmp_path / f"{name}.safetensors"
+        odd.write_bytes(b.path.read_bytes()[:size])
+        os.truncate(odd, size)  # sparse: no gigabyte is written
+        with pytest.raises(MgrowError, match="corrupt or truncated safetensors file .the "
+                           "tensors hold"):
+            load(odd)
+    assert len(reads) == 1
+    # a checkpoint that would not fit the memory left is refused before it is read
+    monkeypatch.setenv("MGROW_MEMORY_LIMIT", "1M")
+    big = tmp_path / "big.pt"
+    torch.save({"w": torch.zeros(1 << 19)}, big)  # 2 MB
+    r = run_main("convert", big, "--arch", "wrn-10-1", "-o", tmp_path / "c.safetensors")
+    assert r.returncode == 2 and "needs about 2.1 MB of memory" in r.stderr, r.stderr
 
 
 def test_gradmax_checks_the_fit_train_checks(tmp_path):

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .. import limits as L
 from .app import app
-from .options import (Bundle, Data, DataDir, Device, Download, Force, RefEpochs, check_positive,
+from .options import (Bundle, Data, DataDir, Device, Download, RefEpochs, check_positive,
                       data_source, out, print_json)
 
 
@@ -161,7 +161,8 @@ def cka(
         "--debiased/--biased", help="The unbiased HSIC estimator (Song et al. 2012, "
         "Kornblith's debiased=True): about 0 for unrelated features, where the biased one "
         "(the paper's) reads up to 0.4 on conv features; needs 4 images.")] = False,
-    force: Force = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Overwrite the --png file if it exists.")] = False,
 ):
     """Linear CKA between the layers' features of two bundles (the paper's Figs. 4-5), with
     its floor: the same with B's images shuffled."""
@@ -169,7 +170,7 @@ def cka(
     from ..api import write_heatmap
     if png is not None:
         from ..files import check_writable
-        check_writable(png, force)
+        check_writable(png, force, inputs=(a, b))
     res = run(a, b, data_source(data, data_dir, download, None), images, device, debiased)
     matched, floor = res.matched(), res.matched(res.floor)
     if png is not None:

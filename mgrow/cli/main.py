@@ -39,6 +39,7 @@ def main() -> None:
         signal.signal(s, _on_signal)
     try:
         code = _closed_stdout(_run())
+        _ignore_signals()  # the command's work and its message are done: its status stands
         _flush_stdout()
     except BrokenPipeError:
         code = _broken_pipe()
@@ -80,7 +81,8 @@ def _run() -> int:
             raise
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or e.title
-        return _error(f"invalid {loc}: {err['msg']} (got {err.get('input')!r:.60})", 2)
+        msg = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's
+        return _error(f"invalid {loc}: {msg} (got {err.get('input')!r:.60})", 2)
     except Exception as e:  # the last resort: one line, never a traceback
         if "--debug" in sys.argv:
             raise
@@ -103,9 +105,12 @@ def _on_signal(signum: int, frame: object) -> None:
 def _interrupted() -> int:
     """Return the exit status of Ctrl-C or SIGTERM outside training, after one line."""
     _ignore_signals()
+    from ..files import WRITTEN
+    done = f"after writing {', '.join(map(str, dict.fromkeys(WRITTEN)))} (complete)" \
+        if WRITTEN else "nothing was written"
     if _SIGNALS and _SIGNALS[0] == signal.SIGTERM:
-        return _error("terminated by SIGTERM; nothing was written", 143)
-    return _error("interrupted; nothing was written", 130)
+        return _error(f"terminated by SIGTERM; {done}", 143)
+    return _error(f"interrupted; {done}", 130)
 
 
 def _error(message: str, code: int) -> int:

@@ -31,8 +31,10 @@ def resolve_device(name: str) -> torch.device:
         try:
             dev = torch.device(name)
         except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):  # mps, meta, xla: not trained on
             raise MgrowError(f"unknown device {name!r} (expected auto, cpu, cuda or "
-                             f"cuda:N)") from None
+                             f"cuda:N)")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise MgrowError(f"device {name!r}: no CUDA device is available")
     if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -104,7 +104,11 @@ BAD_BUNDLES = {
     "arch-disagrees": (_manifest(lambda m: m["arch"].update(name="wrn-16-1")),
                        "tensors disagree with the declared architecture"),
     "classes-disagree": (_manifest(lambda m: m["arch"].update(num_classes=5)),
-                         r"disagree .*fc\.bias is \(10,\) not \(5,\)"),
+                         "invalid manifest: manifest: data digits has 10 classes and 1 "
+                         "channels, the network 5 and 1"),
+    "classes-disagree-no-data": (_manifest(lambda m: (m["arch"].update(num_classes=5),
+                                                      m.update(data=None))),
+                                 r"disagree .*fc\.bias is \(10,\) not \(5,\)"),
     "templates-disagree": (_manifest(lambda m: m["mixing"].update(templates=3)),
                            "tensors disagree with the declared architecture"),
     "tensor-missing": (_tensors(lambda t: t.pop("fc.bias")), "disagree.*missing fc.bias"),

@@ -163,6 +163,17 @@ VALUES_REFUSED = {
     "data-mismatch": (("finetune", "a.safetensors", "--epochs", "1", "--data", "npz:RGB"),
                       "the network takes 1 input channels, npz:.*rgb has 3"),
     "device-unknown": (("eval", "a.safetensors", "--device", "tpu9"), "unknown device 'tpu9'"),
+    # device types torch knows but mgrow does not train on (they failed mid-command)
+    "device-mps": (("eval", "a.safetensors", "--device", "mps"), "unknown device 'mps'"),
+    "device-meta": (("train", *TRAIN, "--epochs", "1", "--device", "meta"),
+                    "unknown device 'meta'"),
+    # the builder's keywords mgrow sets itself (a KeyError deep in the builder call)
+    "builder-num-classes": (("train", *TRAIN, "--epochs", "1", "--arch", "torchvision:resnet18",
+                             "--builder-option", "num_classes=5"),
+                            "builder option 'num_classes' is set by mgrow itself"),
+    "builder-weights": (("train", *TRAIN, "--epochs", "1", "--arch", "torchvision:resnet18",
+                         "--builder-option", "weights=DEFAULT"),
+                        "builder option 'weights' is set by mgrow itself"),
 }
 
 
@@ -327,3 +338,59 @@ def test_disk_full(members, tmp_path, monkeypatch, command):
     assert set(after) - set(before) <= ({"out.safetensors.metrics.jsonl",
                                          "out.safetensors.summary.csv"}
                                         if command == "finetune" else set())
+
+
+# -- inputs that are not regular files; an output that is an input ------------------------
+
+READERS = {  # every command that reads a file named IN
+    "info": ("info", "IN"),
+    "eval": ("eval", "IN"),
+    "flops": ("flops", "IN"),
+    "cka": ("cka", "IN", "a.safetensors"),
+    "fuse": ("fuse", "IN", "-o", "out.safetensors"),
+    "deepen": ("deepen", "IN", "-o", "out.safetensors"),
+    "export": ("export", "IN", "-o", "out.safetensors"),
+    "finetune": ("finetune", "IN", *TINY, "-o", "out.safetensors"),
+    "train-sibling": ("train-sibling", "IN", *TINY, "-o", "out.safetensors"),
+    "convert": ("convert", "IN", "--arch", "wrn-10-1", "-o", "out.safetensors"),
+}
+
+
+@pytest.mark.parametrize("command", READERS)
+@pytest.mark.parametrize("source", ["FIFO", "/dev/zero"])
+def test_an_input_that_is_not_a_regular_file_is_refused(members, tmp_path, command, source):
+    """A FIFO blocked every command reading it forever, and /dev/zero as a checkpoint to
+    convert grew until the kernel killed mgrow: refused before it is opened."""
+    os.mkfifo(tmp_path / "FIFO")
+    args = [source if a == "IN" else a for a in _args(READERS[command], members)]
+    before = watch(members, tmp_path)
+    assert_refused(mgrow(*args, cwd=tmp_path, timeout=60), before, "not a regular file")
+
+
+OVERWRITERS = {  # commands that read a bundle IN and write OUT: the output named as IN
+    "fuse": ("fuse", "IN", "b.safetensors", "-o"),
+    "deepen": ("deepen", "IN", "-o"),
+    "export": ("export", "IN", "-o"),
+    "finetune": ("finetune", "IN", *TINY, "-o"),
+    "train-sibling": ("train-sibling", "IN", *TINY, "-o"),
+    "convert": ("convert", "IN", "--arch", "wrn-10-1", "--in-channels", "1", "--input-size",
+                "8", "-o"),
+    "cka": ("cka", "IN", "b.safetensors", "--images", "4", "--png"),
+}
+
+
+@pytest.mark.parametrize("command", OVERWRITERS)
+@pytest.mark.parametrize("name", ["same", "symlink"])
+def test_an_output_that_is_an_input_is_refused(members, tmp_path, command, name):
+    """With --force the output replaced the input it was made from (fuse's B, finetune's
+    bundle, cka's PNG over a bundle): refused, by any name, before any work."""
+    import shutil
+    shutil.copy(members / ("plain.safetensors" if command == "convert" else "a.safetensors"),
+                tmp_path / "in.safetensors")
+    if name == "symlink":
+        (tmp_path / "link.safetensors").symlink_to("in.safetensors")
+    args = ["in.safetensors" if a == "IN" else a for a in _args(OVERWRITERS[command], members)]
+    before = watch(members, tmp_path)
+    out = "in.safetensors" if name == "same" else "link.safetensors"
+    assert_refused(mgrow(*args, out, "--force", cwd=tmp_path), before,
+                   f"{out}: is this command's input in.safetensors too")
