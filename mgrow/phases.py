@@ -89,6 +89,9 @@ def side_files(output: Path) -> tuple[Path, Path]:
 def check_no_checkpoint(output: Path, resume: bool) -> None:
     """Refuse to start over an unfinished run's checkpoint unless resuming it."""
     ckpt = side_files(output)[0]
+    if ckpt.exists() and not ckpt.is_file():
+        raise MgrowError(f"{ckpt}: not a regular file, where the run's checkpoint goes; "
+                         "remove it")
     if not resume and ckpt.exists():
         raise MgrowError(f"{ckpt} exists from an unfinished run: pass --resume to continue it "
                          "or delete it to start over")

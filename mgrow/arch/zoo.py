@@ -195,8 +195,10 @@ def build_traced(arch: ArchSpec, seed: int = 0, meta: bool = False,
     check_traced(arch.name)
     g = int(arch.width)
     if g != arch.width:
-        raise MgrowError(f"{arch.name}: width {arch.width:g}; a traced network grows by "
-                         "whole factors (2, 3, ...)")
+        raise MgrowError(f"{arch.name}: width {arch.width:g}; a builder's network is "
+                         "trained at width 1 (narrower: the builder's own option, such as "
+                         "--builder-option width_mult=0.5) and grown by whole factors (2, 3, "
+                         "...)")
     if mixing is not None and mixing.factor not in (1, g):
         raise MgrowError(f"{arch.name}: a template-mixed builder's network at width {g} holds "
                          f"a grid of 1 or {g} x {g} tiles, not {mixing.factor}")

@@ -17,7 +17,7 @@ from .. import limits as L
 from ..errors import MgrowError
 from .app import app
 from .options import (ArchName, BuilderOptions, Bundle, DeepInit, Force, Init, Method, Norm,
-                      Output, SeedOpt, Sharing, SharingOpt, Spare, Templates, Tiling, Width,
+                      Output, seed_of, Sharing, SharingOpt, Spare, Templates, Tiling, Width,
                       builder_options, in_range, mixing_spec)
 
 
@@ -65,7 +65,7 @@ def convert(
         "--spare", help="What fills a bank's spare templates (the directions new tiles draw "
         "on at growth): random (fresh random tensors) or permuted (the bank's trained "
         "layers with shuffled channels).")] = Spare.random,
-    seed: SeedOpt = 0,
+    seed: seed_of("the spare templates (their random directions, or the shuffles)") = 0,
     force: Force = False,
     builder_option: BuilderOptions = None,
 ):
@@ -183,7 +183,8 @@ def fuse(
         "--bn-correct/--no-bn-correct", help="Correct the carried BN running statistics for "
         "what the new tiles add, without data (inputs distilled from the members' own BN "
         "statistics; see docs/growing.md).")] = False,
-    seed: SeedOpt = 0,
+    seed: seed_of("what growth draws: new coefficients or weights, --noise, and the "
+                  "growth step's batches (gradmax, firefly)") = 0,
     force: Force = False,
 ):
     """Grow one or two trained bundles, or a grown one again, into a wider one.
@@ -234,7 +235,7 @@ def deepen(
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", help="Bundle to write [default: BUNDLE-deep.safetensors next to "
         "it, numbered, never overwriting].", show_default=False)] = None,
-    seed: SeedOpt = 0,
+    seed: seed_of("the new blocks' weights") = 0,
     force: Force = False,
 ):
     """Insert blocks at the end of a stage of a WRN, ResNet, VGG or a builder's residual

@@ -125,6 +125,12 @@ SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=L.MAX_SEED,
                                        help="Random seed (initialisation, data order).")]
 
 
+def seed_of(what: str) -> type:
+    """Return the --seed option of a command that reads no training data in order."""
+    return Annotated[int, typer.Option("--seed", min=0, max=L.MAX_SEED,
+                                       help=f"Random seed of {what}.")]
+
+
 Width = Annotated[float, typer.Option("--width", callback=in_range(0, L.MAX_WIDTH, True),
                                       help="Channel multiplier (0.5: the half-width net "
                                       "that grows into width 1).")]

@@ -163,6 +163,9 @@ VALUES_REFUSED = {
     "data-mismatch": (("finetune", "a.safetensors", "--epochs", "1", "--data", "npz:RGB"),
                       "the network takes 1 input channels, npz:.*rgb has 3"),
     "device-unknown": (("eval", "a.safetensors", "--device", "tpu9"), "unknown device 'tpu9'"),
+    "builder-narrower": (("train", *TRAIN, "--epochs", "1", "--arch", "torchvision:resnet18",
+                          "--width", "0.25"), "is trained at width 1 .narrower: the builder's "
+                         "own option"),
     # device types torch knows but mgrow does not train on (they failed mid-command)
     "device-mps": (("eval", "a.safetensors", "--device", "mps"), "unknown device 'mps'"),
     "device-meta": (("train", *TRAIN, "--epochs", "1", "--device", "meta"),
@@ -273,16 +276,33 @@ def test_unfinished_run_blocks_a_fresh_one(members, tmp_path, command):
                    "--resume to continue it or delete it to start over")
 
 
-@pytest.mark.parametrize("ckpt", [None, b"", b"garbage" * 100], ids=["none", "empty", "garbage"])
-def test_resume_needs_a_readable_checkpoint(members, tmp_path, ckpt):
-    """(A checkpoint of another batch size: test_reliability_interrupts.)"""
-    if ckpt is not None:
-        (tmp_path / "out.safetensors.ckpt").write_bytes(ckpt)
+@pytest.mark.parametrize("ckpt", [None, b"", b"garbage" * 100, "DIR", "FIFO"],
+                         ids=["none", "empty", "garbage", "dir", "fifo"])
+@pytest.mark.parametrize("resume", [True, False])
+def test_resume_needs_a_readable_checkpoint(members, tmp_path, ckpt, resume):
+    """(A checkpoint of another batch size: test_reliability_interrupts.) A folder or FIFO
+    where the checkpoint goes was called an unfinished run's checkpoint (a FIFO hung
+    --resume): it is named as what it is."""
+    path = tmp_path / "out.safetensors.ckpt"
+    if ckpt == "DIR":
+        path.mkdir()
+    elif ckpt == "FIFO":
+        os.mkfifo(path)
+    elif ckpt is not None:
+        path.write_bytes(ckpt)
     before = watch(members, tmp_path)
-    run = mgrow("finetune", members / "a.safetensors", *TINY, "--resume", "-o",
-                "out.safetensors", cwd=tmp_path)
-    assert_refused(run, before, "no checkpoint to resume from" if ckpt is None
-                   else "not a readable training checkpoint")
+    run = mgrow("finetune", members / "a.safetensors", *TINY, *["--resume"] * resume, "-o",
+                "out.safetensors", cwd=tmp_path, timeout=60)
+    if ckpt in ("DIR", "FIFO"):
+        assert_refused(run, before, "out.safetensors.ckpt: not a regular file, where the "
+                       "run's checkpoint goes")
+    elif resume:
+        assert_refused(run, before, "no checkpoint to resume from" if ckpt is None
+                       else "not a readable training checkpoint")
+    elif ckpt is None:
+        assert run.rc == 0, run.err
+    else:
+        assert_refused(run, before, "exists from an unfinished run")
 
 
 # -- a full disk: in-process, with the write failing as it does on ENOSPC -------------------
