@@ -5,8 +5,8 @@ raises MgrowError with a one-line reason; writing goes through mgrow.files (atom
 output's writer lock), so an interrupted or failed write never leaves a partial file.
 
 Owns `Bundle`, `load`, `read_manifest`, `is_bundle`, `save`, `writer`, `save_model`,
-`export_plain` and the tensor checks. Imports mgrow.errors, limits, manifest, files, and (to
-rebuild a model) arch and mixing.
+`export_plain` and the tensor checks. Imports mgrow.errors, limits, manifest, files,
+tensorfile (the format read), and (to rebuild a model) arch and mixing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from .errors import MgrowError
 from .files import check_writable, read_buffer, read_chunks, write_atomic, writer_lock
 from .limits import MAX_HEADER_BYTES, MAX_MANIFEST_BYTES, check_memory, load_json
 from .manifest import READABLE_VERSIONS, Manifest, Parent
+from .tensorfile import header, load_tensors, spans
 
 META_KEY = "mgrow"
 
@@ -175,103 +175,6 @@ def _few(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
 
 
-def header(data: bytes, where: object, size: int | None = None) -> dict:
-    """Return the JSON header of a safetensors file, or raise MgrowError; `data` is the
-    whole file, or (given the file's `size`) its start, header included."""
-    size = len(data) if size is None else size
-    if size < 8:
-        raise MgrowError(f"{where}: not a safetensors file (only {size} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > size - 8:
-        raise MgrowError(f"{where}: not a safetensors file, or truncated (header of {n} "
-                         f"bytes, file of {size})")
-    if n > MAX_HEADER_BYTES:
-        raise MgrowError(f"{where}: not a safetensors file (header of {n:,} bytes exceeds "
-                         f"the limit of {MAX_HEADER_BYTES:,})")
-    head = load_json(data[8:8 + n], where, "safetensors header", MAX_HEADER_BYTES,
-                     "not a safetensors file (header is not JSON)")
-    if not isinstance(head, dict):
-        raise MgrowError(f"{where}: not a safetensors file (header is not a JSON object)")
-    return head
-
-
-# safetensors' element types as torch holds them (little-endian, as the format stores them)
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-          "BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-          "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
-          "BOOL": torch.bool, "C64": torch.complex64,
-          **({"F8_E8M0": torch.float8_e8m0fnu} if hasattr(torch, "float8_e8m0fnu") else {})}
-
-
-def load_tensors(data: bytearray, where: object) -> dict[str, torch.Tensor]:
-    """Return the tensors of a safetensors file's bytes as views into `data` (no copy: the
-    file's size in memory once, not twice), or raise MgrowError.
-
-    Every entry is checked as safetensors checks it: a known dtype, a shape of sizes >= 0,
-    offsets whose span is the shape's bytes, and spans that tile the data region exactly
-    (no gap, no overlap, nothing after). An entry whose bytes are not aligned to its
-    element size (no writer of ours makes one) is copied out.
-    """
-    if not isinstance(data, bytearray):
-        data = bytearray(data)
-    head = header(data, where)
-    start = 8 + struct.unpack("<Q", data[:8])[0]
-    spans = _spans(head, start, len(data), where)
-    base = torch.frombuffer(data, dtype=torch.uint8, count=1).data_ptr() if spans and \
-        spans[-1][1] else 0
-    tensors = {}
-    for lo, hi, k, dtype, shape in spans:
-        if hi == lo:
-            tensors[k] = torch.empty(shape, dtype=dtype)
-        elif (base + start + lo) % dtype.itemsize:  # unaligned: copied out
-            tensors[k] = torch.frombuffer(data[start + lo:start + hi], dtype=dtype).view(shape)
-        else:
-            tensors[k] = torch.frombuffer(data, dtype=dtype, count=(hi - lo) // dtype.itemsize,
-                                          offset=start + lo).view(shape)
-    return tensors
-
-
-def _spans(head: dict, start: int, size: int, where: object) -> list[tuple]:
-    """Return a safetensors header's entries as (lo, hi, name, dtype, shape), by offset, or
-    raise MgrowError unless they tile the data region (bytes `start` to `size` of the file)
-    exactly (see load_tensors)."""
-    def bad(why: str) -> MgrowError:
-        return MgrowError(f"{where}: corrupt or truncated safetensors file ({why})")
-
-    spans = []
-    for k, v in head.items():
-        if k == "__metadata__":
-            continue
-        shape, offsets = (v.get("shape"), v.get("data_offsets")) if isinstance(v, dict) \
-            else (None, None)
-        if not (isinstance(shape, list) and all(_count(d) for d in shape)
-                and isinstance(offsets, list) and len(offsets) == 2
-                and all(_count(d) for d in offsets)):
-            raise bad(f"entry {k!r} has no valid shape and data_offsets")
-        if (dtype := DTYPES.get(v.get("dtype"))) is None:
-            raise MgrowError(f"{where}: tensor {k} has dtype {v.get('dtype')!r}, which mgrow "
-                             f"does not read (it reads {', '.join(DTYPES)})")
-        lo, hi = offsets
-        if hi - lo != math.prod(shape) * dtype.itemsize:
-            raise bad(f"tensor {k} spans {hi - lo} bytes, not its shape's "
-                      f"{math.prod(shape) * dtype.itemsize}")
-        spans.append((lo, hi, k, dtype, shape))
-    spans.sort(key=lambda e: e[:2])
-    end = 0
-    for lo, hi, k, *_ in spans:
-        if lo != end:
-            raise bad(f"tensor {k} starts at byte {lo} of the data, not {end}")
-        end = hi
-    if start + end != size:
-        raise bad(f"the tensors hold {end} bytes, the data region {size - start}")
-    return spans
-
-
-def _count(d: object) -> bool:
-    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
-
-
 def parse_manifest(text: str, where: object) -> Manifest:
     """Return the validated manifest, or raise MgrowError naming the first problem."""
     raw = load_json(text, where, "manifest", MAX_MANIFEST_BYTES)
@@ -328,7 +231,7 @@ def _check_extent(path: str | os.PathLike, head: dict) -> int:
     with open(path, "rb") as f:
         start = 8 + struct.unpack("<Q", f.read(8))[0]
         size = os.fstat(f.fileno()).st_size
-    _spans(head, start, size, path)
+    spans(head, start, size, path)
     return size
 
 

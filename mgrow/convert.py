@@ -44,10 +44,11 @@ from pydantic import ValidationError
 from torch import nn
 
 from .arch import build, check_options
-from .bundle import COUNTER, check_tensors, conform, integer_buffers, load_tensors
+from .bundle import COUNTER, check_tensors, conform, integer_buffers
 from .errors import MgrowError
 from .files import read_buffer, read_bytes
 from .manifest import ArchSpec, DatasetSpec, Lineage, Manifest, MixingSpec, Parent
+from .tensorfile import load_tensors
 from .mixing import SPARES, decompose
 
 def read_checkpoint(path: str | Path, expected: Collection[str] | None = None

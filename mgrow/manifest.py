@@ -12,13 +12,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError,
                       field_validator, model_validator)
 
 from . import limits as L
 
 FORMAT_VERSION = 4  # 2: `reference_epochs`; 3: `ArchSpec.options`; 4: `ArchSpec.depths`
 READABLE_VERSIONS = (1, 2, 3, 4)  # older manifests are read as the current version
+
+
+def _as_text(value: Any) -> Any:
+    """Return a path as text JSON can hold: a name that is not valid UTF-8 (Python holds its
+    bad bytes as lone surrogates) is recorded with those bytes escaped, \\xff."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
+PathText = Annotated[str, BeforeValidator(_as_text)]  # a path recorded in a manifest
 
 
 class _Strict(BaseModel):
@@ -90,7 +101,7 @@ class MixingSpec(_Strict):
 class DatasetSpec(_Strict):
     """The data a bundle was trained on: enough to find it again and normalise it."""
 
-    spec: str  # as given to --data: cifar10, digits, npz:PATH, imagefolder:PATH ...
+    spec: PathText  # as given to --data: cifar10, digits, npz:PATH, imagefolder:PATH ...
     num_classes: int = Field(ge=1, le=L.MAX_CLASSES)
     channels: int = Field(ge=1, le=L.MAX_CHANNELS)
     input_size: int = Field(ge=1, le=L.MAX_INPUT_SIZE)
@@ -121,7 +132,7 @@ _OPTIONS = {k: TypeAdapter(Annotated[t, f]) for k, t, f in (
 
 class Parent(_Strict):
     sha256: str = Field(pattern="^[0-9a-f]{64}$")
-    path: str
+    path: PathText
 
 
 class Lineage(_Strict):

@@ -186,7 +186,7 @@ def test_tensors_are_read_in_place_as_safetensors_reads_them():
     memory once, not twice), equal to safetensors' own reading for every dtype mgrow meets,
     aligned or not; a file whose entries do not tile its data region is refused in one
     line, as safetensors refuses it."""
-    from mgrow.bundle import load_tensors
+    from mgrow.tensorfile import load_tensors
     g = torch.Generator().manual_seed(0)
     tensors = {"f32": torch.randn(3, 5, generator=g), "f16": torch.randn(7, generator=g).half(),
                "bf16": torch.randn(2, 3, generator=g).bfloat16(), "f64": torch.randn(

@@ -161,6 +161,12 @@ def test_lock_files_and_odd_names_are_handled(tmp_path):
                        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
     assert r.returncode == 0 and b"bad\\udcff.safetensors" in r.stdout, r.stderr
     assert os.path.exists(odd)
+    # a bundle made from it records its name (refused as not a string before), escaped
+    r = run_main("fuse", os.fsdecode(odd), "--method", "net2net", "-o",
+                 tmp_path / "grown.safetensors")
+    assert r.returncode == 0, r.stderr
+    [parent] = load(tmp_path / "grown.safetensors").manifest.lineage.parents
+    assert parent.path.endswith("/bad\\xff.safetensors")
     from mgrow.bundle import save  # a recorded parent path too long to look up: missing
     from mgrow.manifest import Parent
     lineage = a.manifest.lineage.model_copy(
