@@ -208,8 +208,9 @@ def load(path: str | os.PathLike) -> Bundle:
     size = _check_extent(path, head)
     check_memory(size, f"reading {path}")
     data = read_buffer(path)
-    manifest = _manifest(header(data, path), path)
-    tensors = conform(load_tensors(data, path), path, integer_buffers(skeleton_))
+    head = header(data, path)  # the bytes read, not the header checked above
+    manifest = _manifest(head, path)
+    tensors = conform(load_tensors(data, path, head), path, integer_buffers(skeleton_))
     bundle = Bundle(manifest, tensors, Path(path), hashlib.sha256(data).hexdigest())
     check_tensors(skeleton_, tensors, path)
     return bundle

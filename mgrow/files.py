@@ -4,8 +4,8 @@ Writing is atomic (temporary file in the target folder, fsync, rename), so an in
 or failed write never leaves a partial file; an output is written under its writer lock
 (flock on `.<name>.lock` beside it), so two processes never write one path at once.
 
-Owns `read_bytes`, `read_buffer`, `read_chunks`, `sha256_file`, `check_writable`, `writer_lock`,
-`write_atomic`. Imports mgrow.errors and mgrow.limits.
+Owns `read_bytes`, `read_buffer`, `read_chunks`, `is_file`, `sha256_file`,
+`check_writable`, `writer_lock`, `write_atomic`. Imports mgrow.errors and mgrow.limits.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def read_buffer(path: str | os.PathLike) -> bytearray:
     p = _file(path)
     try:
         with open(p, "rb") as f:
-            check_memory(os.fstat(f.fileno()).st_size, f"reading {p}")
-            buf = bytearray(os.fstat(f.fileno()).st_size)
+            size = os.fstat(f.fileno()).st_size
+            check_memory(size, f"reading {p}")
+            buf = bytearray(size)
             if f.readinto(buf) != len(buf) or f.read(1):
                 raise MgrowError(f"{p}: changed size while being read")
     except OSError as e:
@@ -60,10 +61,12 @@ def _file(path: str | os.PathLike) -> Path:
     return p
 
 
-def _is_file(p: Path) -> bool:
+def is_file(p: Path) -> bool:
+    """Return whether `p` is a regular file; a name this system cannot look up (too long,
+    say) is as missing as one that is not there."""
     try:
         return p.is_file()
-    except OSError:  # a name this system cannot look up
+    except OSError:
         return False
 
 
@@ -95,7 +98,7 @@ def check_writable(path: str | os.PathLike, force: bool, reserve: int = SIDE_SUF
     if p.exists() and not p.is_file():  # a device or FIFO: the rename would replace it
         raise MgrowError(f"{p}: not a regular file")
     for i in inputs:
-        if i is not None and p.exists() and _is_file(Path(i)) and os.path.samefile(p, i):
+        if i is not None and p.exists() and is_file(Path(i)) and os.path.samefile(p, i):
             raise MgrowError(f"{p}: is this command's input {i} too; write the output "
                              "elsewhere")
     if p.exists() and not force:

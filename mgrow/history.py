@@ -14,7 +14,7 @@ from typing import Any
 
 from .bundle import is_bundle, read_manifest
 from .errors import MgrowError
-from .files import sha256_file
+from .files import is_file, sha256_file
 from .manifest import Lineage
 
 
@@ -55,7 +55,7 @@ class _Walk:
     def parent(self, recorded: str, sha256: str, folder: Path, depth: int) -> dict:
         """Return a parent: its recorded path and hash, where it was found and its lineage."""
         entry: dict[str, Any] = {"path": recorded, "sha256": sha256}
-        found = [p for p in (Path(recorded), folder / Path(recorded).name) if _is_file(p)]
+        found = [p for p in (Path(recorded), folder / Path(recorded).name) if is_file(p)]
         match, failed = None, None
         for p in found:  # hashed in turn: the first that matches is the parent
             if (h := self.sha256(p)) == sha256:
@@ -86,13 +86,6 @@ class _Walk:
         entry["description"] = manifest.describe()
         entry["lineage"] = self.lineage(manifest.lineage, match.parent, depth + 1)
         return entry
-
-
-def _is_file(p: Path) -> bool:  # a path this system cannot look up (too long, say) is
-    try:  # as missing as one that is not there
-        return p.is_file()
-    except OSError:
-        return False
 
 
 def _line(e: Exception) -> str:

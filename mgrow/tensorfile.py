@@ -45,7 +45,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
           **({"F8_E8M0": torch.float8_e8m0fnu} if hasattr(torch, "float8_e8m0fnu") else {})}
 
 
-def load_tensors(data: bytearray, where: object) -> dict[str, torch.Tensor]:
+def load_tensors(data: bytearray, where: object,
+                 head: dict | None = None) -> dict[str, torch.Tensor]:
     """Return the tensors of a safetensors file's bytes as views into `data` (no copy: the
     file's size in memory once, not twice), or raise MgrowError.
 
@@ -56,7 +57,7 @@ def load_tensors(data: bytearray, where: object) -> dict[str, torch.Tensor]:
     """
     if not isinstance(data, bytearray):
         data = bytearray(data)
-    head = header(data, where)
+    head = header(data, where) if head is None else head  # (`head`: data's, parsed)
     start = 8 + struct.unpack("<Q", data[:8])[0]
     entries = spans(head, start, len(data), where)
     base = torch.frombuffer(data, dtype=torch.uint8, count=1).data_ptr() if entries and \
